@@ -1,0 +1,55 @@
+"""pydvl-datainf: DataInf influence functions for pyDVL, exact and fit once.
+
+```python
+from pydvl.influence import SequentialInfluenceCalculator
+from pydvl_datainf import DataInfInfluence
+```
+
+Scores follow pyDVL's sign: `influences` is $g_{test}^\\top R\\, g_{train}$, positive
+for helpful training points; the paper's $\\mathcal{I}_{DataInf}$ is its negative.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .blocks import Block, BlockStructure, build_blocks
+from .errors import (
+    BlockStructureError,
+    EmptyDataError,
+    NonFiniteGradientError,
+    NotFittedError,
+    RegularizationError,
+    StaleModelError,
+)
+from .gradients import (
+    FuncGradientEngine,
+    GradientEngine,
+    LoopGradientEngine,
+    get_engine,
+)
+from .influence import DataInfInfluence
+from .stores import GradientStore, MemoryGradientStore
+
+try:
+    __version__ = version("pydvl-datainf")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "DataInfInfluence",
+    "Block",
+    "BlockStructure",
+    "build_blocks",
+    "GradientEngine",
+    "FuncGradientEngine",
+    "LoopGradientEngine",
+    "get_engine",
+    "GradientStore",
+    "MemoryGradientStore",
+    "NotFittedError",
+    "StaleModelError",
+    "NonFiniteGradientError",
+    "EmptyDataError",
+    "RegularizationError",
+    "BlockStructureError",
+    "__version__",
+]

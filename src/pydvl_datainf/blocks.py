@@ -1,0 +1,254 @@
+r"""Block structures: which trainable parameters form each block $l$ of DataInf.
+
+DataInf approximates the inverse Gauss–Newton matrix block-diagonally, one block
+per group of parameters. The choice of groups changes the result, so it is
+explicit. [build_blocks][pydvl_datainf.blocks.build_blocks] accepts:
+
+| spec | blocks |
+| --- | --- |
+| `"module"` (default) | one block per leaf module owning trainable parameters (its weight and bias together). For a PEFT LoRA model: one block per `lora_A` and one per `lora_B` weight, as in the paper's code. |
+| `"lora"` | like `"module"`, but each adapted layer's `lora_A` and `lora_B` form one block, named after the adapted layer. |
+| `"parameter"` | one block per trainable parameter tensor. |
+| `BlockMode.FULL` / `LAYER_WISE` / `PARAMETER_WISE` | pyDVL's meaning, built by pyDVL itself, so results compare with pyDVL's other models. Beware: pyDVL's `LAYER_WISE` groups by *top-level children* only, which is a single block for a PEFT model. |
+| a mapping `{block_name: [param_name, ...]}` | exactly these blocks, in this order. |
+
+Frozen parameters (`requires_grad=False`) never belong to a block: they cost
+nothing.
+
+Example:
+    ```python
+    from torch import nn
+    from pydvl_datainf.blocks import build_blocks
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    blocks = build_blocks(model)
+    blocks.names      # ['0', '2']
+    blocks.sizes      # [15, 8]
+    ```
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Mapping, Sequence, Tuple, Union
+
+import torch
+from pydvl.influence.torch.util import BlockMode, ModelParameterDictBuilder
+from torch import nn
+
+from .errors import BlockStructureError
+
+__all__ = ["Block", "BlockStructure", "BlockSpec", "build_blocks", "BlockMode"]
+
+logger = logging.getLogger(__name__)
+
+BlockSpec = Union[str, BlockMode, Mapping[str, Sequence[str]]]
+"""What users pass as `block_structure`."""
+
+_LORA_SEGMENT = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.|$)")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block: a name and the parameters it concatenates, in order."""
+
+    name: str
+    params: Tuple[str, ...]
+    shapes: Tuple[Tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> Tuple[int, ...]:
+        """Number of elements of each parameter."""
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        """$d_l$, the number of parameters of the block."""
+        return sum(self.sizes)
+
+
+class BlockStructure:
+    """An ordered collection of [Block][pydvl_datainf.blocks.Block]s.
+
+    Flat vectors over all blocks (e.g. influence factors) concatenate the blocks
+    in this order, and each block concatenates its flattened parameters in order.
+    """
+
+    def __init__(self, blocks: Sequence[Block]):
+        self.blocks: Tuple[Block, ...] = tuple(blocks)
+
+    def __iter__(self) -> Iterator[Block]:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, name: str) -> Block:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlockStructure) and self.blocks == other.blocks
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{b.name!r}: {b.size}" for b in self.blocks)
+        return f"BlockStructure({{{inner}}})"
+
+    @property
+    def names(self) -> List[str]:
+        """Block names, in order."""
+        return [b.name for b in self.blocks]
+
+    @property
+    def sizes(self) -> List[int]:
+        """$d_l$ for each block, in order."""
+        return [b.size for b in self.blocks]
+
+    @property
+    def n_parameters(self) -> int:
+        """Total number of parameters over all blocks."""
+        return sum(self.sizes)
+
+    def parameter_names(self) -> List[str]:
+        """All parameter names, in flat order."""
+        return [p for b in self.blocks for p in b.params]
+
+    def to_dict(self) -> OrderedDict[str, List[str]]:
+        """The structure as `{block_name: [param_name, ...]}`, accepted back by
+        [build_blocks][pydvl_datainf.blocks.build_blocks]."""
+        return OrderedDict((b.name, list(b.params)) for b in self.blocks)
+
+    def gather(self, per_param: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Concatenate per-parameter `(n, numel)` tensors into per-block `(n, d_l)`."""
+        out: Dict[str, torch.Tensor] = OrderedDict()
+        for b in self.blocks:
+            parts = [per_param[p] for p in b.params]
+            out[b.name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return out
+
+    def split(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Split `(n, n_parameters)` into per-block `(n, d_l)` views."""
+        if flat.ndim != 2 or flat.shape[1] != self.n_parameters:
+            raise ValueError(
+                f"Expected a tensor of shape (n, {self.n_parameters}) "
+                f"(n_parameters over all blocks), got {tuple(flat.shape)}"
+            )
+        return OrderedDict(zip(self.names, torch.split(flat, self.sizes, dim=1)))
+
+
+def _trainable(model: nn.Module) -> OrderedDict[str, nn.Parameter]:
+    return OrderedDict((k, p) for k, p in model.named_parameters() if p.requires_grad)
+
+
+def _by_module(
+    names: Sequence[str], lora_together: bool
+) -> OrderedDict[str, List[str]]:
+    groups: OrderedDict[str, List[str]] = OrderedDict()
+    for name in names:
+        key = name.rpartition(".")[0]
+        if lora_together:
+            match = _LORA_SEGMENT.search("." + name)
+            if match is not None:
+                key = ("." + name)[: match.start()].lstrip(".")
+        groups.setdefault(key, []).append(name)
+    return groups
+
+
+def _validate(
+    model: nn.Module, spec: Mapping[str, Sequence[str]]
+) -> OrderedDict[str, List[str]]:
+    all_params = dict(model.named_parameters())
+    seen: Dict[str, str] = {}
+    out: OrderedDict[str, List[str]] = OrderedDict()
+    for block, params in spec.items():
+        if isinstance(params, str):
+            raise BlockStructureError(
+                f"Block {block!r}: expected a list of parameter names, got the "
+                f"string {params!r}"
+            )
+        params = list(params)
+        if not params:
+            raise BlockStructureError(f"Block {block!r} has no parameters")
+        for p in params:
+            if p not in all_params:
+                raise BlockStructureError(
+                    f"Block {block!r} names unknown parameter {p!r}; the model's "
+                    f"trainable parameters are {list(_trainable(model))}"
+                )
+            if not all_params[p].requires_grad:
+                raise BlockStructureError(
+                    f"Block {block!r} names frozen parameter {p!r} "
+                    f"(requires_grad=False); frozen parameters cannot form blocks"
+                )
+            if p in seen:
+                raise BlockStructureError(
+                    f"Parameter {p!r} is in both block {seen[p]!r} and block {block!r}"
+                )
+            seen[p] = block
+        out[str(block)] = params
+    if not out:
+        raise BlockStructureError("The block structure is empty")
+    return out
+
+
+def build_blocks(model: nn.Module, spec: BlockSpec = "module") -> BlockStructure:
+    """Build the block structure of `model` from a spec (see module docs).
+
+    Args:
+        model: the torch model.
+        spec: `"module"`, `"lora"`, `"parameter"`, a pyDVL `BlockMode`, or an
+            ordered mapping from block names to parameter names.
+
+    Returns:
+        The validated [BlockStructure][pydvl_datainf.blocks.BlockStructure].
+
+    Raises:
+        BlockStructureError: unknown spec, no trainable parameters, unknown,
+            frozen or repeated parameter names, or empty blocks.
+    """
+    trainable = list(_trainable(model))
+    if not trainable:
+        raise BlockStructureError(
+            "The model has no trainable parameters (all have requires_grad=False)"
+        )
+    mapping: Mapping[str, Sequence[str]]
+    if isinstance(spec, BlockMode):
+        built = ModelParameterDictBuilder(model).build_from_block_mode(spec)
+        mapping = OrderedDict((k, list(v)) for k, v in built.items())
+    elif isinstance(spec, str):
+        if spec == "module":
+            mapping = _by_module(trainable, lora_together=False)
+        elif spec == "lora":
+            mapping = _by_module(trainable, lora_together=True)
+        elif spec == "parameter":
+            mapping = OrderedDict((p, [p]) for p in trainable)
+        else:
+            raise BlockStructureError(
+                f"Unknown block structure {spec!r}; use 'module', 'lora', "
+                f"'parameter', a pydvl BlockMode or a dict of parameter names"
+            )
+    elif isinstance(spec, Mapping):
+        mapping = spec
+    else:
+        raise BlockStructureError(
+            f"block_structure must be a string, BlockMode or mapping, got {type(spec)}"
+        )
+    validated = _validate(model, mapping)
+    params = dict(model.named_parameters())
+    blocks = [
+        Block(name, tuple(ps), tuple(tuple(params[p].shape) for p in ps))
+        for name, ps in validated.items()
+    ]
+    uncovered = set(trainable) - {p for b in blocks for p in b.params}
+    if uncovered:
+        logger.info(
+            "%d trainable parameters are in no block and are ignored: %s",
+            len(uncovered),
+            sorted(uncovered),
+        )
+    return BlockStructure(blocks)

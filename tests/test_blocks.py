@@ -1,0 +1,89 @@
+from collections import OrderedDict
+
+import pytest
+import torch
+from pydvl.influence.torch.util import BlockMode
+from torch import nn
+
+from models import LoRAMLP, mlp
+from pydvl_datainf import BlockStructureError, build_blocks
+
+
+def test_default_is_one_block_per_leaf_module():
+    b = build_blocks(mlp(5, 6, 3))
+    assert b.names == ["0", "2"]
+    assert b.sizes == [5 * 6 + 6, 6 * 3 + 3]
+    assert b.n_parameters == 36 + 21
+    assert b["0"].params == ("0.weight", "0.bias")
+
+
+def test_lora_model_default_blocks_are_lora_a_and_b_frozen_excluded():
+    b = build_blocks(LoRAMLP())
+    assert b.names == ["l1.lora_A", "l1.lora_B", "l2.lora_A", "l2.lora_B"]
+    assert all("base" not in p for p in b.parameter_names())
+
+
+def test_lora_grouping_puts_a_and_b_together():
+    b = build_blocks(LoRAMLP(), "lora")
+    assert b.names == ["l1", "l2"]
+    assert b["l1"].params == ("l1.lora_A.weight", "l1.lora_B.weight")
+
+
+def test_parameter_mode():
+    b = build_blocks(mlp(), "parameter")
+    assert b.names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def test_pydvl_block_modes_keep_pydvl_meaning():
+    model = LoRAMLP()
+    assert build_blocks(model, BlockMode.FULL).names == [""]
+    # pyDVL's LAYER_WISE: top-level children only
+    assert build_blocks(model, BlockMode.LAYER_WISE).names == ["l1", "l2"]
+    wrapped = nn.Sequential(OrderedDict(inner=model))
+    assert build_blocks(wrapped, BlockMode.LAYER_WISE).names == ["inner"]
+    assert len(build_blocks(model, BlockMode.PARAMETER_WISE)) == 4
+
+
+def test_custom_structure_and_split_gather_roundtrip():
+    model = mlp()
+    spec = OrderedDict(last=["2.weight", "2.bias"], first=["0.weight"])
+    b = build_blocks(model, spec)
+    assert b.names == ["last", "first"]
+    assert b.to_dict() == spec
+    flat = torch.arange(2 * b.n_parameters, dtype=torch.float64).reshape(2, -1)
+    parts = b.split(flat)
+    assert parts["last"].shape == (2, 21) and parts["first"].shape == (2, 30)
+    per_param = {
+        "2.weight": parts["last"][:, :18],
+        "2.bias": parts["last"][:, 18:],
+        "0.weight": parts["first"],
+    }
+    assert torch.equal(torch.cat(list(b.gather(per_param).values()), 1), flat)
+    with pytest.raises(ValueError, match="n_parameters"):
+        b.split(flat[:, :-1])
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ({"a": ["nope"]}, "unknown parameter 'nope'"),
+        ({"a": ["0.weight"], "b": ["0.weight"]}, "in both block 'a' and block 'b'"),
+        ({"a": []}, "no parameters"),
+        ({"a": "0.weight"}, "list of parameter names"),
+        ({}, "empty"),
+        ("layers", "Unknown block structure"),
+    ],
+)
+def test_invalid_structures(spec, match):
+    with pytest.raises(BlockStructureError, match=match):
+        build_blocks(mlp(), spec)
+
+
+def test_frozen_parameters_rejected_and_all_frozen_model():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(BlockStructureError, match="frozen parameter '0.weight'"):
+        build_blocks(model, {"a": ["0.weight"]})
+    model.requires_grad_(False)
+    with pytest.raises(BlockStructureError, match="no trainable parameters"):
+        build_blocks(model)
