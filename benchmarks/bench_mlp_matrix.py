@@ -20,13 +20,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import machine, plain_epoch, timeit
 from pydvl.influence import SequentialInfluenceCalculator
 from pydvl.influence.torch import InverseHarmonicMeanInfluence
 from pydvl.influence.torch.util import BlockMode, NestedTorchCatAggregator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common import machine, plain_epoch, timeit
 from pydvl_datainf import DataInfInfluence
 
 
@@ -70,14 +70,18 @@ def main() -> None:
         return calc.influences(test, train).compute(NestedTorchCatAggregator())
 
     results = {"machine": machine(), "args": vars(args)}
-    results["floor_epoch_s"] = timeit(lambda: plain_epoch(model, loss, train), args.repeats)
+    results["floor_epoch_s"] = timeit(
+        lambda: plain_epoch(model, loss, train), args.repeats
+    )
     results["ours_fit_s"] = timeit(ours_fit, args.repeats)
     results["ours_matrix_s"] = timeit(ours, args.repeats)
     if not args.skip_pydvl:
         t0 = time.perf_counter()
         pydvl_ihm()
         results["pydvl_ihm_matrix_s"] = time.perf_counter() - t0
-        results["speedup_vs_pydvl"] = results["pydvl_ihm_matrix_s"] / results["ours_matrix_s"]
+        results["speedup_vs_pydvl"] = (
+            results["pydvl_ihm_matrix_s"] / results["ours_matrix_s"]
+        )
     results["fit_over_floor"] = results["ours_fit_s"] / results["floor_epoch_s"]
     print(json.dumps(results, indent=2))
     print(

@@ -48,7 +48,9 @@ def dense_formula(model, x, y, xt, yt):
     for k in blocks:
         d = g[k].shape[1]
         eye = torch.eye(d, dtype=torch.float64)
-        R = sum(torch.linalg.inv(torch.outer(v, v) + LAMBDA * eye) for v in g[k]) / len(x)
+        R = sum(torch.linalg.inv(torch.outer(v, v) + LAMBDA * eye) for v in g[k]) / len(
+            x
+        )
         total = total + gt[k] @ R @ g[k].T
     return total
 
@@ -66,7 +68,9 @@ def main() -> None:
 
     ours = DataInfInfluence(model, F.cross_entropy, LAMBDA, progress=False)
     ours.fit(DataLoader(TensorDataset(x, y), batch_size=7))
-    print(f"pydvl-datainf (any batch size): rel. error {rel(ours.influences(xt, yt, x, y), truth):.1e}")
+    print(
+        f"pydvl-datainf (any batch size): rel. error {rel(ours.influences(xt, yt, x, y), truth):.1e}"
+    )
 
     for fit_bs in (50, 10, 1):
         ihm = InverseHarmonicMeanInfluence(

@@ -113,3 +113,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error in the max norm."""
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def dense_exact_inverse(grads: torch.Tensor, lam: float) -> torch.Tensor:
+    """inv(mean_i g_i g_iᵀ + λ I): the damped Gauss–Newton block, explicitly."""
+    n, d = grads.shape
+    g = grads.double()
+    return torch.linalg.inv(g.T @ g / n + lam * torch.eye(d, dtype=torch.float64))

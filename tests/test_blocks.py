@@ -87,3 +87,25 @@ def test_frozen_parameters_rejected_and_all_frozen_model():
     model.requires_grad_(False)
     with pytest.raises(BlockStructureError, match="no trainable parameters"):
         build_blocks(model)
+
+
+def test_peft_lora_and_modules_to_save_blocks():
+    from peft import LoraConfig, get_peft_model
+
+    base = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"])
+    )
+    b = build_blocks(model)
+    assert b.names == [
+        "base_model.model.0.lora_A.default",
+        "base_model.model.0.lora_B.default",
+        "base_model.model.2",
+    ]
+    assert b["base_model.model.2"].params == (
+        "base_model.model.2.modules_to_save.default.weight",
+        "base_model.model.2.modules_to_save.default.bias",
+    )
+    grouped = build_blocks(model, "lora")
+    assert grouped.names == ["base_model.model.0", "base_model.model.2"]
+    assert grouped["base_model.model.0"].size == 2 * 4 + 5 * 2

@@ -11,6 +11,7 @@ for helpful training points; the paper's $\\mathcal{I}_{DataInf}$ is its negativ
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import hooks  # noqa: F401  (registers the "hooks" engine as the default)
 from .blocks import Block, BlockStructure, build_blocks
 from .errors import (
     BlockStructureError,
@@ -19,6 +20,8 @@ from .errors import (
     NotFittedError,
     RegularizationError,
     StaleModelError,
+    StoreExistsError,
+    StoreMismatchError,
 )
 from .gradients import (
     FuncGradientEngine,
@@ -27,7 +30,21 @@ from .gradients import (
     get_engine,
 )
 from .influence import DataInfInfluence
-from .stores import GradientStore, MemoryGradientStore
+from .matrix import (
+    MatrixResult,
+    TopK,
+    influence_matrix,
+    mean_test_influence,
+    self_influence,
+    top_k,
+)
+from .stores import (
+    AutoGradientStore,
+    GradientStore,
+    MemoryGradientStore,
+    RecomputeGradientStore,
+    ZarrGradientStore,
+)
 
 try:
     __version__ = version("pydvl-datainf")
@@ -45,6 +62,17 @@ __all__ = [
     "get_engine",
     "GradientStore",
     "MemoryGradientStore",
+    "ZarrGradientStore",
+    "RecomputeGradientStore",
+    "AutoGradientStore",
+    "influence_matrix",
+    "MatrixResult",
+    "top_k",
+    "TopK",
+    "self_influence",
+    "mean_test_influence",
+    "StoreExistsError",
+    "StoreMismatchError",
     "NotFittedError",
     "StaleModelError",
     "NonFiniteGradientError",

@@ -6,7 +6,7 @@ explicit. [build_blocks][pydvl_datainf.blocks.build_blocks] accepts:
 
 | spec | blocks |
 | --- | --- |
-| `"module"` (default) | one block per leaf module owning trainable parameters (its weight and bias together). For a PEFT LoRA model: one block per `lora_A` and one per `lora_B` weight, as in the paper's code. |
+| `"module"` (default) | one block per leaf module owning trainable parameters (its weight and bias together). For a PEFT LoRA model: one block per `lora_A` and one per `lora_B` weight, as in the paper's code, and one per module in PEFT's `modules_to_save` (e.g. a new classifier head), named after the wrapped module. |
 | `"lora"` | like `"module"`, but each adapted layer's `lora_A` and `lora_B` form one block, named after the adapted layer. |
 | `"parameter"` | one block per trainable parameter tensor. |
 | `BlockMode.FULL` / `LAYER_WISE` / `PARAMETER_WISE` | pyDVL's meaning, built by pyDVL itself, so results compare with pyDVL's other models. Beware: pyDVL's `LAYER_WISE` groups by *top-level children* only, which is a single block for a PEFT model. |
@@ -49,6 +49,7 @@ BlockSpec = Union[str, BlockMode, Mapping[str, Sequence[str]]]
 """What users pass as `block_structure`."""
 
 _LORA_SEGMENT = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.|$)")
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+$")
 
 
 @dataclass(frozen=True)
@@ -149,13 +150,24 @@ def _by_module(
     names: Sequence[str], lora_together: bool
 ) -> OrderedDict[str, List[str]]:
     groups: OrderedDict[str, List[str]] = OrderedDict()
+    saved = []
     for name in names:
         key = name.rpartition(".")[0]
+        # PEFT's modules_to_save (e.g. a new classifier head): name the block
+        # after the wrapped module, not PEFT's trainable copy
+        stripped = _MODULES_TO_SAVE.sub("", key)
+        if stripped != key:
+            saved.append(stripped)
+            key = stripped
         if lora_together:
             match = _LORA_SEGMENT.search("." + name)
             if match is not None:
                 key = ("." + name)[: match.start()].lstrip(".")
         groups.setdefault(key, []).append(name)
+    if saved:
+        logger.info(
+            "PEFT modules_to_save found, one block each: %s", sorted(set(saved))
+        )
     return groups
 
 

@@ -11,6 +11,8 @@ __all__ = [
     "EmptyDataError",
     "RegularizationError",
     "BlockStructureError",
+    "StoreExistsError",
+    "StoreMismatchError",
 ]
 
 
@@ -39,3 +41,20 @@ class RegularizationError(ValueError):
 
 class BlockStructureError(ValueError):
     """Invalid block structure: unknown, frozen, repeated parameters or empty blocks."""
+
+
+class StoreExistsError(FileExistsError):
+    """A Zarr store (gradients or influence matrix) already exists at the path.
+
+    Pass `overwrite=True` to replace it, or, for an influence matrix,
+    `resume=True` to finish it.
+    """
+
+
+class StoreMismatchError(ValueError):
+    """A Zarr store does not belong to this computation.
+
+    Raised when a store was written for other weights, other blocks, other
+    test data or other settings, when it is incomplete (its writer died), or
+    when a loader replayed by a recompute store yields other data than at fit.
+    """

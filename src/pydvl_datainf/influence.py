@@ -22,11 +22,15 @@ depend on batch sizes or chunking: $n$ is always the full training set size.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import (
     Any,
+    Callable,
     Dict,
     Iterator,
     List,
@@ -46,17 +50,29 @@ from tqdm.auto import tqdm
 from . import formula
 from .blocks import BlockSpec, BlockStructure, build_blocks
 from .errors import (
+    BlockStructureError,
     EmptyDataError,
     NonFiniteGradientError,
     NotFittedError,
     RegularizationError,
     StaleModelError,
+    StoreExistsError,
+    StoreMismatchError,
 )
 from .fingerprint import WeightWatch
-from .gradients import GradientEngine, LossFn, get_engine
+from .gradients import GradientEngine, LossFn, accumulation_dtype, get_engine
 from .perturbation import perturbation_influences_by_block
 from .rows import RowIndex, batch_digest
-from .stores import GradientStore, MemoryGradientStore
+from .stores import (
+    AutoGradientStore,
+    FitState,
+    GradientStore,
+    MemoryGradientStore,
+    RecomputeGradientStore,
+    ZarrGradientStore,
+    resolve_store_dtype,
+    zarr_group_exists,
+)
 
 __all__ = ["DataInfInfluence", "RegularizationSpec"]
 
@@ -66,6 +82,30 @@ RegularizationSpec = Union[str, float, Mapping[str, Union[float, str]]]
 """`"auto"`, a positive float for every block, or `{block: float | "auto"}`."""
 
 Blockwise = Dict[str, torch.Tensor]
+
+StoreSpec = Union[str, Callable[[List[str]], GradientStore]]
+"""`"memory"`, `"zarr"`, `"recompute"`, `"auto"`, or `block_names -> GradientStore`."""
+
+_STORE_KINDS = ("memory", "zarr", "recompute", "auto")
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = (
+    weakref.WeakKeyDictionary()
+)
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> threading.RLock:
+    """One lock per model object, shared by every DataInfInfluence on it.
+
+    Gradient engines swap parameters or register hooks on the module, so two
+    instances sharing a model must not compute gradients at the same time.
+    """
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = threading.RLock()
+            _MODEL_LOCKS[model] = lock
+        return lock
 
 
 def _check_batch(x: torch.Tensor, y: torch.Tensor, what: str = "x") -> None:
@@ -108,12 +148,26 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         engine: per-sample gradient engine, a name (`"auto"`, `"func"`,
             `"loop"`, ...) or an instance of
             [GradientEngine][pydvl_datainf.gradients.GradientEngine].
-        store: `"memory"` to cache per-sample training gradients, or a
+        store: where `fit` keeps the per-sample training gradients (see
+            [stores][pydvl_datainf.stores]): `"memory"`; `"zarr"` (at
+            `store_path`, written chunk by chunk during fit); `"recompute"`
+            (keeps none, replays the training loader on queries); `"auto"`
+            (memory if the gradients fit `memory_budget`, else Zarr); or a
             callable `block_names -> GradientStore`.
         progress: show tqdm progress bars.
         test_factor_cache: how many recent test batches' factors to keep, so
             that pyDVL's calculators do not recompute them for every train chunk
             of a row (0 disables).
+        store_path: local path or fsspec URL of the Zarr store (`"zarr"`, and
+            `"auto"` when it spills; a temporary directory if not given there).
+        store_dtype: dtype of Zarr-stored gradients: `"float32"` (default for
+            float32 models), `"float16"` or `"bfloat16"` (half the disk, read
+            back to float32), `"float64"`.
+        memory_budget: bytes (or a string such as `"1GB"`) of gradients that
+            `"auto"` keeps in memory; default a quarter of the available RAM.
+        store_options: more [ZarrGradientStore][pydvl_datainf.stores.ZarrGradientStore]
+            arguments: `overwrite`, `chunk_rows`, `storage_options`,
+            `compressors`.
 
     Example:
         ```python
@@ -140,9 +194,13 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         *,
         regularization_scale: float = formula.DEFAULT_REGULARIZATION_SCALE,
         engine: Union[str, GradientEngine] = "auto",
-        store: Union[str, Any] = "memory",
+        store: StoreSpec = "memory",
         progress: bool = True,
         test_factor_cache: int = 4,
+        store_path: Optional[Union[str, os.PathLike]] = None,
+        store_dtype: Union[None, str, torch.dtype] = None,
+        memory_budget: Union[None, int, str] = None,
+        store_options: Optional[Mapping[str, Any]] = None,
     ):
         self.model = model
         self.loss = loss
@@ -154,10 +212,33 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         self.regularization_scale = float(regularization_scale)
         self._regularization_spec = self._validate_regularization(regularization)
         self.engine = get_engine(engine)
+        if not (callable(store) or store in _STORE_KINDS):
+            raise ValueError(
+                f"store must be one of {list(_STORE_KINDS)} or a callable returning "
+                f"a GradientStore, got {store!r}"
+            )
+        if store == "zarr" and store_path is None:
+            raise ValueError("store='zarr' needs store_path (a path or fsspec URL)")
+        unknown = set(store_options or {}) - {
+            "overwrite",
+            "chunk_rows",
+            "storage_options",
+            "compressors",
+        }
+        if unknown:
+            raise ValueError(
+                f"Unknown store_options {sorted(unknown)}; use overwrite, "
+                f"chunk_rows, storage_options, compressors"
+            )
         self._store_spec = store
+        self.store_path = None if store_path is None else os.fspath(store_path)
+        self.store_dtype = resolve_store_dtype(store_dtype)
+        self.memory_budget = memory_budget
+        self.store_options: Dict[str, Any] = dict(store_options or {})
+        self._owned_store_path: Optional[str] = None
         self.progress = progress
         self.test_factor_cache = int(test_factor_cache)
-        self._lock = threading.RLock()
+        self._lock = _model_lock(model)
         self._factor_cache: OrderedDict[bytes, Blockwise] = OrderedDict()
         self._reset_fit()
 
@@ -179,7 +260,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.RLock()
+        self._lock = _model_lock(self.model)
 
     @property
     def params(self) -> OrderedDict[str, nn.Parameter]:
@@ -203,7 +284,14 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
     @property
     def is_thread_safe(self) -> bool:
-        """True: gradient computations and caches are guarded by a lock."""
+        """True: gradient computations and caches are guarded by a lock.
+
+        The lock belongs to the model object, so several instances sharing one
+        model also serialize their gradient computations (the engines swap
+        parameters or register hooks). Matrix products and store reads run
+        concurrently. Other code must not run the same model in another
+        thread at the same time.
+        """
         return True
 
     @property
@@ -350,7 +438,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
     def per_sample_gradients(
         self, x: torch.Tensor, y: torch.Tensor
-    ) -> "OrderedDict[str, torch.Tensor]":
+    ) -> OrderedDict[str, torch.Tensor]:
         r"""Per-sample gradients $\nabla_{\theta_l}\ell(y_i, f_\theta(x_i))$ per block.
 
         Uses the model in eval mode and the configured engine. Passing these,
@@ -366,22 +454,88 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
     def _train_grads(self, x: torch.Tensor, y: torch.Tensor) -> Blockwise:
         """Gradients of training-side samples: cached rows if known, else computed."""
         assert self.store is not None
-        if self._rows is not None:
+        if self._rows is not None and self.store.random_access:
             index = self._rows.lookup(x, y)
             if index is not None:
                 return self.store.take(index)
         return self._grads(x, y)
 
     # -------------------------------------------------------------------- fit
-    def _new_store(self) -> GradientStore:
-        if self._store_spec == "memory":
-            return MemoryGradientStore(self.blocks.names)
-        if callable(self._store_spec):
-            return cast(GradientStore, self._store_spec(self.blocks.names))
-        raise ValueError(
-            f"store must be 'memory' or a callable returning a GradientStore, got "
-            f"{self._store_spec!r}"
+    def _gradient_bytes_per_row(self) -> int:
+        item = accumulation_dtype(next(iter(self.params.values())).dtype).itemsize
+        return self.n_parameters * item
+
+    def _zarr_store(self, path: str) -> ZarrGradientStore:
+        opts = dict(self.store_options)
+        overwrite = bool(opts.pop("overwrite", False)) or (
+            path == self._owned_store_path
         )
+        store = ZarrGradientStore(
+            path,
+            self.blocks.names,
+            dtype=self.store_dtype,
+            overwrite=overwrite,
+            **opts,
+        )
+        self._owned_store_path = path
+        return store
+
+    def _budget_bytes(self) -> int:
+        if self.memory_budget is None:
+            import psutil
+
+            return int(psutil.virtual_memory().available // 4)
+        if isinstance(self.memory_budget, str):
+            from dask.utils import parse_bytes
+
+            return int(parse_bytes(self.memory_budget))
+        return int(self.memory_budget)
+
+    def _new_store(self, data: Any = None) -> GradientStore:
+        spec = self._store_spec
+        if spec == "memory":
+            return MemoryGradientStore(self.blocks.names)
+        if spec == "zarr":
+            assert self.store_path is not None
+            return self._zarr_store(self.store_path)
+        if spec == "recompute":
+            return RecomputeGradientStore(
+                self.blocks.names,
+                data,
+                self._grads,
+            )
+        if spec == "auto":
+            budget = self._budget_bytes()
+            path = self.store_path
+            if path is None:
+                path = os.path.join(tempfile.mkdtemp(prefix="datainf-"), "grads.zarr")
+            elif (
+                not self.store_options.get("overwrite", False)
+                and path != self._owned_store_path
+                and zarr_group_exists(path, self.store_options.get("storage_options"))
+            ):
+                raise StoreExistsError(
+                    f"A Zarr store already exists at {path!r}; pass "
+                    f"store_options={{'overwrite': True}} or another store_path"
+                )
+            try:
+                n_est: Optional[int] = len(data.dataset)
+            except (AttributeError, TypeError):
+                n_est = None
+            if n_est is not None and n_est * self._gradient_bytes_per_row() > budget:
+                logger.info(
+                    "Gradients (~%.3g GB) exceed the memory budget (%.3g GB): "
+                    "writing them to %s",
+                    n_est * self._gradient_bytes_per_row() / 1e9,
+                    budget / 1e9,
+                    path,
+                )
+                return self._zarr_store(path)
+            zpath = path
+            return AutoGradientStore(
+                self.blocks.names, budget, lambda: self._zarr_store(zpath)
+            )
+        return cast(GradientStore, cast(Callable, spec)(self.blocks.names))
 
     def fit(self, data: DataLoader) -> DataInfInfluence:
         """One pass over `data`: cache gradients, squared norms and $\\lambda_l$.
@@ -407,7 +561,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             )
         with self._lock:
             self._reset_fit()
-            store = self._new_store()
+            store = self._new_store(data)
             rows = RowIndex()
             norm_parts: Dict[str, List[torch.Tensor]] = {
                 k: [] for k in self.blocks.names
@@ -437,8 +591,10 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                 grads = self._grads(x, y, offset=n)
                 for k, g in grads.items():
                     norm_parts[k].append(formula.squared_norms(g))
+                store.note_batch(x, y)
                 store.append(grads)
-                rows.add(x, y)
+                if store.random_access:
+                    rows.add(x, y)
                 n += len(x)
             if n == 0:
                 raise EmptyDataError(
@@ -453,8 +609,24 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             self.block_regularization = self._resolve_regularization(
                 self._regularization_spec, sums
             )
-            self._rows = rows
+            self._rows = rows if store.random_access else None
             self._watch = WeightWatch(self.params)
+            store.save_fit_state(
+                FitState(
+                    n_train=n,
+                    regularization=dict(self.block_regularization),
+                    regularization_spec=dict(self._regularization_spec),
+                    regularization_scale=self.regularization_scale,
+                    squared_norms=dict(self.squared_norms),
+                    weights_digest=self._watch.digest,
+                    block_structure=dict(self.blocks.to_dict()),
+                    block_shapes={
+                        b.name: [list(s) for s in b.shapes] for b in self.blocks
+                    },
+                )
+            )
+            if isinstance(store, AutoGradientStore):
+                store = store.resolved
             self.store = store
         logger.info(
             "Fitted DataInf on %d samples, %d blocks, %d parameters; lambda: %s",
@@ -463,6 +635,117 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             self.n_parameters,
             {k: f"{v:.3g}" for k, v in self.block_regularization.items()},
         )
+        return self
+
+    @classmethod
+    def from_store(
+        cls,
+        model: nn.Module,
+        loss: LossFn,
+        store: Union[str, os.PathLike, ZarrGradientStore],
+        *,
+        regularization: Optional[RegularizationSpec] = None,
+        engine: Union[str, GradientEngine] = "auto",
+        progress: bool = True,
+        test_factor_cache: int = 4,
+        storage_options: Optional[Mapping[str, Any]] = None,
+    ) -> DataInfInfluence:
+        r"""Reopen a model fitted into a Zarr gradient store, without refitting.
+
+        The store records the block structure, $n$, $\lambda_l$, the squared
+        norms and a SHA-256 of the fitted weights; the model must have exactly
+        these blocks and weights.
+
+        Args:
+            model: the model, with the weights it had at fit.
+            loss: the loss used at fit.
+            store: the store's path or fsspec URL, or an open
+                [ZarrGradientStore][pydvl_datainf.stores.ZarrGradientStore].
+            regularization: `None` keeps the fitted $\lambda_l$; otherwise a
+                new spec, as in the constructor (resolved from the stored norms).
+            engine: per-sample gradient engine for test-side gradients.
+            progress: show progress bars.
+            test_factor_cache: as in the constructor.
+            storage_options: fsspec options for URLs.
+
+        Returns:
+            A fitted instance reading its training gradients from the store.
+            Queries on training rows recompute their gradients (the row digests
+            of `fit` are not stored); the streaming matrix and
+            `train_influences` read the store.
+
+        Raises:
+            StoreMismatchError: the store is incomplete, or was written for
+                other blocks or other weights.
+            FileNotFoundError: no store at the path.
+
+        Example:
+            ```python
+            infl = DataInfInfluence(model, loss, store="zarr",
+                                    store_path="grads.zarr").fit(loader)
+            # later, in another process
+            infl = DataInfInfluence.from_store(model, loss, "grads.zarr")
+            ```
+        """
+        zs = (
+            store
+            if isinstance(store, ZarrGradientStore)
+            else ZarrGradientStore.open(store, storage_options)
+        )
+        state = zs.load_fit_state()
+        try:
+            blocks = build_blocks(model, state.block_structure)
+        except BlockStructureError as e:
+            raise StoreMismatchError(
+                f"The gradient store at {zs.path!r} was written for other blocks "
+                f"({list(state.block_structure)}): {e}"
+            ) from e
+        shapes = {b.name: [list(s) for s in b.shapes] for b in blocks}
+        if (state.block_shapes and shapes != state.block_shapes) or (
+            blocks.sizes != zs.block_sizes
+        ):
+            raise StoreMismatchError(
+                f"The gradient store at {zs.path!r} was written for blocks of other "
+                f"shapes: stored {state.block_shapes}, model {shapes}"
+            )
+        self = cls(
+            model,
+            loss,
+            state.regularization_spec if regularization is None else regularization,
+            state.block_structure,
+            regularization_scale=state.regularization_scale,
+            engine=engine,
+            progress=progress,
+            test_factor_cache=test_factor_cache,
+            store="zarr",
+            store_path=zs.path,
+            store_options={"storage_options": dict(storage_options or {})},
+        )
+        watch = WeightWatch(self.params)
+        if watch.digest != state.weights_digest:
+            raise StoreMismatchError(
+                f"The gradient store at {zs.path!r} was written for other weights "
+                f"(SHA-256 {state.weights_digest[:12]}..., the model has "
+                f"{watch.digest[:12]}...). Load the weights that were fitted, or "
+                f"fit again."
+            )
+        self.n_train = state.n_train
+        self.squared_norms = OrderedDict(
+            (k, state.squared_norms[k]) for k in self.blocks.names
+        )
+        if regularization is None:
+            self.block_regularization = OrderedDict(
+                (k, state.regularization[k]) for k in self.blocks.names
+            )
+        else:
+            sums = {k: float(v.sum()) for k, v in self.squared_norms.items()}
+            self.block_regularization = self._resolve_regularization(
+                self._regularization_spec, sums
+            )
+        self._watch = watch
+        self._rows = None
+        self._owned_store_path = zs.path
+        self.store = zs
         return self
 
     def _check_ready(self) -> None:
