@@ -53,7 +53,7 @@ DEFAULT_REGULARIZATION_SCALE = 0.1
 
 def squared_norms(grads: torch.Tensor) -> torch.Tensor:
     r"""Row-wise squared Euclidean norms $\lVert g_i \rVert^2$ of an $(n, d)$ matrix."""
-    return torch.einsum("nd,nd->n", grads, grads)
+    return torch.linalg.vector_norm(grads, dim=1).square()
 
 
 def auto_regularization(

@@ -211,9 +211,10 @@ class HookGradientEngine(GradientEngine):
     its requirements (in particular: the model must be in `eval()` mode).
 
     Args:
-        fallback: engine for the parameters that no rule covers: `"func"`
-            (default), `"loop"`, an engine instance, or `None` to raise a
-            `ValueError` instead.
+        fallback: engine for the parameters that no rule covers: `"auto"`
+            (default: `torch.func`, and the autograd loop where `torch.func`
+            fails, e.g. on Hugging Face attention masks), `"func"`, `"loop"`,
+            an engine instance, or `None` to raise a `ValueError` instead.
         vectorize_loss: evaluate the per-sample losses with `torch.func.vmap`
             when the loss allows it (otherwise, or on failure, a loop).
         validate: also compute the gradient of the summed loss with respect to
@@ -239,14 +240,15 @@ class HookGradientEngine(GradientEngine):
 
     def __init__(
         self,
-        fallback: Union[str, GradientEngine, None] = "func",
+        fallback: Union[str, GradientEngine, None] = "auto",
         vectorize_loss: bool = True,
         validate: bool = False,
         expand_shared: bool = True,
     ):
-        if isinstance(fallback, str) and fallback not in ("func", "loop"):
+        if isinstance(fallback, str) and fallback not in ("auto", "func", "loop"):
             raise ValueError(
-                f"fallback must be 'func', 'loop', an engine or None, not {fallback!r}"
+                f"fallback must be 'auto', 'func', 'loop', an engine or None, not "
+                f"{fallback!r}"
             )
         self.fallback = fallback
         self.vectorize_loss = vectorize_loss
@@ -552,11 +554,21 @@ class HookGradientEngine(GradientEngine):
         else:
             engine = FuncGradientEngine()
         logger.info("%s computes %d parameter(s): %s", engine, len(reasons), details)
+        subset = {k: params[k] for k in reasons}
         try:
-            return engine.per_sample_grads(
-                model, loss, x, y, {k: params[k] for k in reasons}
-            )
+            return engine.per_sample_grads(model, loss, x, y, subset)
         except Exception as e:
+            if self.fallback == "auto":
+                # torch.func cannot trace data-dependent control flow (e.g. HF
+                # attention masks): the autograd loop always works
+                logger.warning(
+                    "torch.func failed (%s: %s); computing %d parameter(s) with "
+                    "the autograd loop",
+                    type(e).__name__,
+                    e,
+                    len(reasons),
+                )
+                return LoopGradientEngine().per_sample_grads(model, loss, x, y, subset)
             raise ValueError(
                 f"No per-sample gradient rule for these parameters, and the "
                 f"fallback {engine!r} failed ({type(e).__name__}: {e}): {details}. "

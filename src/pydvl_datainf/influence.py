@@ -36,6 +36,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Tuple,
     Union,
     cast,
 )
@@ -124,6 +125,16 @@ def _check_batch(x: torch.Tensor, y: torch.Tensor, what: str = "x") -> None:
             f"{what} has {len(x)} samples but its labels have {len(y)} "
             f"(shapes {tuple(x.shape)} and {tuple(y.shape)})"
         )
+
+
+def _expected_rows(data: Any) -> Optional[int]:
+    """Number of samples a DataLoader will yield, if it can tell (a hint only)."""
+    if not isinstance(data, DataLoader):
+        return None
+    try:
+        return len(data.sampler)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
@@ -410,31 +421,42 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         self, x: torch.Tensor, y: torch.Tensor, offset: Optional[int] = None
     ) -> Blockwise:
         """Per-sample gradients per block, `(b, d_l)`, checked for finiteness."""
+        return self._grads_and_norms(x, y, offset)[0]
+
+    def _grads_and_norms(
+        self, x: torch.Tensor, y: torch.Tensor, offset: Optional[int] = None
+    ) -> Tuple[Blockwise, Blockwise]:
+        """Per-sample gradients and their squared norms per block.
+
+        A gradient with a NaN or inf entry has a non-finite squared norm, so the
+        norms (needed anyway) double as the finiteness check.
+
+        Raises:
+            NonFiniteGradientError: naming the samples (training indices when
+                `offset` is given).
+        """
         device = self.device
         with self._lock, self._eval_mode():
             per_param = self.engine.per_sample_grads(
                 self.model, self.loss, x.to(device), y.to(device), self.params
             )
         grads = self.blocks.gather(per_param)
-        bad = torch.zeros(len(x), dtype=torch.bool, device=device)
-        bad_blocks = []
-        for name, g in grads.items():
-            b = ~torch.isfinite(g).all(dim=1)
-            if b.any():
-                bad_blocks.append(name)
-                bad |= b.to(device)
-        if bad.any():
-            idx = torch.nonzero(bad).flatten().tolist()
+        norms = OrderedDict((k, formula.squared_norms(g)) for k, g in grads.items())
+        finite = torch.stack([torch.isfinite(s) for s in norms.values()])
+        if not bool(finite.all()):
+            bad_blocks = [k for k, ok in zip(norms, finite.all(dim=1)) if not ok]
+            idx = torch.nonzero(~finite.all(dim=0)).flatten().tolist()
             where = (
                 f"training samples {[offset + i for i in idx][:20]}"
                 if offset is not None
                 else f"samples {idx[:20]} of the batch"
             )
             raise NonFiniteGradientError(
-                f"NaN or inf per-sample gradients for {where} "
-                f"({len(idx)} in all) in blocks {bad_blocks}"
+                f"NaN or inf per-sample gradients (or squared norms overflowing "
+                f"their dtype) for {where} ({len(idx)} in all) in blocks "
+                f"{bad_blocks}"
             )
-        return grads
+        return grads, norms
 
     def per_sample_gradients(
         self, x: torch.Tensor, y: torch.Tensor
@@ -494,7 +516,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
     def _new_store(self, data: Any = None) -> GradientStore:
         spec = self._store_spec
         if spec == "memory":
-            return MemoryGradientStore(self.blocks.names)
+            return MemoryGradientStore(self.blocks.names, capacity=_expected_rows(data))
         if spec == "zarr":
             assert self.store_path is not None
             return self._zarr_store(self.store_path)
@@ -588,9 +610,9 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                 _check_batch(x, y, "training batch x")
                 if len(x) == 0:
                     continue
-                grads = self._grads(x, y, offset=n)
-                for k, g in grads.items():
-                    norm_parts[k].append(formula.squared_norms(g))
+                grads, norms = self._grads_and_norms(x, y, offset=n)
+                for k, s in norms.items():
+                    norm_parts[k].append(s)
                 store.note_batch(x, y)
                 store.append(grads)
                 if store.random_access:

@@ -33,8 +33,10 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -275,6 +277,27 @@ class FitState:
     block_shapes: Dict[str, List[List[int]]] = field(default_factory=dict)
 
 
+def _large_empty(
+    shape: Tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """`torch.empty` for a large, long-lived buffer, with a transparent huge
+    page hint on Linux CPUs (first-touch page faults dominate writing a fresh
+    gradient cache; 2 MiB pages make them ~500 times fewer). Best effort."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    nbytes = t.numel() * t.element_size()
+    if device.type == "cpu" and nbytes >= 8 << 20 and sys.platform == "linux":
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            page = 2 << 20
+            start = (t.data_ptr() + page - 1) // page * page
+            length = (t.data_ptr() + nbytes - start) // page * page
+            if length > 0:
+                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 14)
+        except (OSError, AttributeError):  # pragma: no cover - platform specific
+            pass
+    return t
+
+
 class GradientStore(ABC):
     """Per-block matrices of per-sample training gradients, appended in row order.
 
@@ -401,10 +424,12 @@ class MemoryGradientStore(GradientStore):
         ```
     """
 
-    def __init__(self, block_names: Sequence[str]):
+    def __init__(self, block_names: Sequence[str], capacity: Optional[int] = None):
         super().__init__(block_names)
         self._parts: Dict[str, List[torch.Tensor]] = {k: [] for k in self.block_names}
         self._data: Dict[str, torch.Tensor] = {}
+        self._buffers: Dict[str, torch.Tensor] = {}
+        self.capacity = capacity
         self._n = 0
         self._nbytes = 0
 
@@ -419,15 +444,48 @@ class MemoryGradientStore(GradientStore):
 
     def append(self, grads: Mapping[str, torch.Tensor]) -> None:
         self._check_append(grads)
+        rows = len(next(iter(grads.values())))
+        if self.capacity is not None and not self._buffers:
+            # one allocation per block for the whole pass: no final copy
+            self._buffers = {
+                k: _large_empty(
+                    (max(self.capacity, rows), g.shape[1]), g.dtype, g.device
+                )
+                for k, g in grads.items()
+            }
+        if self._buffers and self._n + rows > len(next(iter(self._buffers.values()))):
+            # more rows than announced: fall back to keeping parts
+            for k, b in self._buffers.items():
+                self._parts[k].append(b[: self._n])
+            self._buffers, self.capacity = {}, None
         for k, g in grads.items():
-            self._parts[k].append(g.detach())
+            if self._buffers:
+                self._buffers[k][self._n : self._n + rows] = g.detach()
+            else:
+                self._parts[k].append(g.detach())
             self._nbytes += g.numel() * g.element_size()
-        self._n += len(next(iter(grads.values())))
+        self._n += rows
+
+    def appended(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """The rows appended so far, as per-block batches (before `finalize`)."""
+        if self._buffers:
+            yield {k: b[: self._n] for k, b in self._buffers.items()}
+        else:
+            for part in zip(*(self._parts[k] for k in self.block_names)):
+                yield dict(zip(self.block_names, part))
 
     def finalize(self) -> None:
         super().finalize()
-        self._data = {k: torch.cat(v) for k, v in self._parts.items() if v}
+        if self._buffers:
+            self._data = {k: b[: self._n] for k, b in self._buffers.items()}
+        else:
+            self._data = {
+                k: (v[0] if len(v) == 1 else torch.cat(v))
+                for k, v in self._parts.items()
+                if v
+            }
         self._parts = {k: [] for k in self.block_names}
+        self._buffers = {}
 
     @property
     def data(self) -> Dict[str, torch.Tensor]:
@@ -1099,8 +1157,8 @@ class AutoGradientStore(GradientStore):
                     self.budget_bytes / 1e9,
                     getattr(disk, "path", disk),
                 )
-                for part in zip(*(self._memory._parts[k] for k in self.block_names)):
-                    disk.append(dict(zip(self.block_names, part)))
+                for part in self._memory.appended():
+                    disk.append(part)
                 self._memory = None
                 self._inner = disk
         self._inner.append(grads)
