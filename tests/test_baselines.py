@@ -138,6 +138,7 @@ def test_ekfac_application_matches_explicit_kronecker_inverse(case):
     for name, module, qa, qg, diag in zip(
         rep.layer_names, rep.layers_module, rep.evecs_a, rep.evecs_g, rep.diags
     ):
+        qa, qg, diag = qa.detach(), qg.detach(), diag.detach()
         kron = torch.kron(qg.double(), qa.double())  # row-major vec of (out, cols)
         d = diag.double().reshape(-1)
         inv = kron @ torch.diag(1 / (d + 0.1 * d.mean())) @ kron.T

@@ -455,10 +455,10 @@ JOBS: OrderedDict[str, JobSpec] = OrderedDict(
     for j in [
         JobSpec("a", "MLP 32→64→10 (CPU)", 1, 180, 60, _build_mlp, _mlp_skeleton),
         JobSpec(
-            "b", "LoRA-MLP n=4096", 2, 200, 60, _build_lora_mlp, _lora_mlp_skeleton
+            "b", "LoRA-MLP n=4096", 2, 240, 60, _build_lora_mlp, _lora_mlp_skeleton
         ),
         JobSpec(
-            "c", "MiniLM + LoRA, BBC News", 2, 200, 90, _build_minilm, _minilm_skeleton
+            "c", "MiniLM + LoRA, BBC News", 2, 360, 90, _build_minilm, _minilm_skeleton
         ),
         JobSpec(
             "d",

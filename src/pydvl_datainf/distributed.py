@@ -71,7 +71,13 @@ _FACTOR_CACHE = 2
 
 
 def worker_device() -> torch.device:
-    """The device tasks compute on: the worker's GPU if it has one, else CPU."""
+    """The device tasks compute on: the worker's GPU if it has one, else CPU.
+
+    Example:
+        ```python
+        client.run(worker_device)  # {worker address: device}
+        ```
+    """
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -189,6 +195,12 @@ def distributed_corrections(
 
     Returns:
         The summed corrections, on `v`'s device.
+
+    Example:
+        ```python
+        corr = distributed_corrections(client, infl.store, v, infl.block_regularization, 1024)
+        factors = {k: (v[k] - corr[k] / infl.n_train) / lam[k] for k in v}
+        ```
     """
     n_chunks = -(-store.n // train_rows)
     p = max(1, min(n_chunks, partitions or _n_threads(client)))
@@ -254,6 +266,12 @@ def distributed_tiles(
 
     Raises:
         Exception: the first task error, after retries.
+
+    Example:
+        ```python
+        # what influence_matrix(..., client=client) runs for the pending tiles
+        distributed_tiles(client, infl.store, "infl.zarr", None, [(0, 0), (0, 1)])
+        ```
     """
     from distributed import as_completed
 

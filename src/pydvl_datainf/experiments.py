@@ -401,6 +401,8 @@ def compare_methods(
     t0 = time.perf_counter()
     if infl is None:
         infl = fit_datainf(task, "module", progress=progress)
+    elif infl.block_names != build_blocks(task.model, "module").names:
+        raise ValueError("infl must be fitted on the task with 'module' blocks")
     g_train = baselines.training_gradients(infl)
     g_test = infl.per_sample_gradients(task.x_test, task.y_test)
     gradient_seconds = time.perf_counter() - t0

@@ -140,6 +140,13 @@ class MatrixResult:
         tiles_computed: tiles computed by this call.
         tiles_skipped: tiles found done (resume).
         factor_groups_computed: factor groups computed by this call.
+
+    Example:
+        ```python
+        result = influence_matrix(infl, (x_test, y_test), "infl.zarr")
+        row = result.array[0, :]     # influences on test point 0, numpy
+        small = result.load()        # the whole matrix as a tensor
+        ```
     """
 
     array: Any
@@ -166,6 +173,12 @@ class TopK:
         values: `(n_test, k)` influences, sorted (descending for the most
             influential, ascending for the least).
         indices: `(n_test, k)` training rows (in the order of the fit pass).
+
+    Example:
+        ```python
+        best = top_k(result, 3)
+        best.indices[0], best.values[0]  # 3 most helpful rows for test point 0
+        ```
     """
 
     values: torch.Tensor
@@ -323,6 +336,12 @@ def tile_product(factors: Blockwise, grads: Mapping[str, torch.Tensor]) -> torch
 
     Returns:
         `(m, k)` tensor.
+
+    Example:
+        >>> f = {"w": torch.ones(2, 3)}
+        >>> tile_product(f, {"w": torch.eye(3)})
+        tensor([[1., 1., 1.],
+                [1., 1., 1.]])
     """
     out: Optional[torch.Tensor] = None
     for k, f in factors.items():

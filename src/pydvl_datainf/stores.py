@@ -168,6 +168,13 @@ def open_zarr_group(
 
     Returns:
         The `zarr.Group`.
+
+    Example:
+        ```python
+        group = open_zarr_group("s3://bucket/grads.zarr", "r",
+                                storage_options={"anon": False})
+        group.attrs["n"]
+        ```
     """
     import zarr
 
@@ -265,6 +272,12 @@ class FitState:
         weights_digest: SHA-256 of the trainable weights at fit.
         block_structure: `{block: [parameter names]}`.
         block_shapes: `{block: [parameter shapes]}`.
+
+    Example:
+        ```python
+        state = ZarrGradientStore.open("grads.zarr").load_fit_state()
+        state.n_train, state.regularization
+        ```
     """
 
     n_train: int
@@ -306,6 +319,12 @@ class GradientStore(ABC):
 
     Attributes:
         random_access: whether `read` and `take` are cheap (no recomputation).
+
+    Example:
+        ```python
+        for index, start, grads in store.iter_chunks(1024):
+            grads["l1.lora_A"].shape  # (<=1024, d_l), rows start..start+1023
+        ```
     """
 
     random_access: bool = True
