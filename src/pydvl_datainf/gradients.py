@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from typing import Callable, Dict, Mapping, Union
+from typing import Callable, Dict, Mapping, Tuple, Union
 
 import torch
 from torch import nn
@@ -101,6 +101,37 @@ class GradientEngine(ABC):
         return f"{type(self).__name__}()"
 
 
+def functional_sample_loss(
+    model: nn.Module, loss: LossFn, params: Mapping[str, nn.Parameter]
+) -> Tuple[
+    Dict[str, torch.Tensor],
+    Callable[[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor],
+]:
+    """The loss of one sample as a pure function of `params`, for `torch.func`.
+
+    Returns:
+        The detached `params`, and `sample_loss(params, x_i, y_i)` evaluating
+        `loss(model(x_i[None]), y_i[None])` with every other parameter and
+        buffer held constant.
+    """
+    diff = {k: p.detach() for k, p in params.items()}
+    const = {
+        k: v.detach()
+        for k, v in list(model.named_parameters()) + list(model.named_buffers())
+        if k not in diff
+    }
+
+    def sample_loss(
+        d: Dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.func.functional_call(
+            model, {**const, **d}, (xi.unsqueeze(0),), strict=False
+        )
+        return loss(out, yi.unsqueeze(0))
+
+    return diff, sample_loss
+
+
 class FuncGradientEngine(GradientEngine):
     """Per-sample gradients with `torch.func.vmap(torch.func.grad(...))`.
 
@@ -120,21 +151,7 @@ class FuncGradientEngine(GradientEngine):
         y: torch.Tensor,
         params: Mapping[str, nn.Parameter],
     ) -> Dict[str, torch.Tensor]:
-        diff = {k: p.detach() for k, p in params.items()}
-        const = {
-            k: v.detach()
-            for k, v in list(model.named_parameters()) + list(model.named_buffers())
-            if k not in diff
-        }
-
-        def sample_loss(
-            d: Dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor
-        ) -> torch.Tensor:
-            out = torch.func.functional_call(
-                model, {**const, **d}, (xi.unsqueeze(0),), strict=False
-            )
-            return loss(out, yi.unsqueeze(0))
-
+        diff, sample_loss = functional_sample_loss(model, loss, params)
         grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(
             diff, x, y
         )

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockStructure
-from .gradients import LossFn
+from .gradients import LossFn, functional_sample_loss
 
 __all__ = ["perturbation_influences_by_block"]
 
@@ -53,18 +53,7 @@ def _with_func(
     x: torch.Tensor,
     y: torch.Tensor,
 ) -> torch.Tensor:
-    diff = {k: p.detach() for k, p in params.items()}
-    const = {
-        k: v.detach()
-        for k, v in list(model.named_parameters()) + list(model.named_buffers())
-        if k not in diff
-    }
-
-    def sample_loss(d: Dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor):
-        out = torch.func.functional_call(
-            model, {**const, **d}, (xi.unsqueeze(0),), strict=False
-        )
-        return loss(out, yi.unsqueeze(0))
+    diff, sample_loss = functional_sample_loss(model, loss, params)
 
     def scores(xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         g = torch.func.grad(sample_loss)(diff, xi, yi)
