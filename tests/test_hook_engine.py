@@ -20,7 +20,11 @@ from pydvl_datainf.hf import (
     pack_inputs,
     unpack_inputs,
 )
-from pydvl_datainf.hooks import HookGradientEngine, per_sample_losses
+from pydvl_datainf.hooks import (
+    HookGradientEngine,
+    _closed_form_losses,
+    per_sample_losses,
+)
 
 RTOL, ATOL = 1e-10, 1e-12
 
@@ -705,3 +709,49 @@ def test_input_modified_in_place_is_detected() -> None:
         HookGradientEngine(fallback=None).per_sample_grads(
             model, F.mse_loss, torch.randn(4, 3), torch.randn(4, 3), trainable(model)
         )
+
+
+@pytest.mark.parametrize(
+    "loss,out_shape,make_y",
+    [
+        (F.cross_entropy, (7, 4), lambda: torch.randint(0, 4, (7,))),
+        (F.nll_loss, (7, 4), lambda: torch.randint(0, 4, (7,))),
+        (F.mse_loss, (7, 3), lambda: torch.randn(7, 3, dtype=torch.float64)),
+        (F.mse_loss, (7, 2, 3), lambda: torch.randn(7, 2, 3, dtype=torch.float64)),
+        (F.l1_loss, (7, 3), lambda: torch.randn(7, 3, dtype=torch.float64)),
+        (F.smooth_l1_loss, (7, 3), lambda: torch.randn(7, 3, dtype=torch.float64)),
+        (F.huber_loss, (7, 3), lambda: torch.randn(7, 3, dtype=torch.float64)),
+        (
+            F.binary_cross_entropy_with_logits,
+            (7, 3),
+            lambda: torch.rand(7, 3, dtype=torch.float64),
+        ),
+        (
+            F.binary_cross_entropy,
+            (7, 3),
+            lambda: torch.rand(7, 3, dtype=torch.float64),
+        ),
+    ],
+)
+def test_closed_form_losses_equal_batches_of_one(loss, out_shape, make_y) -> None:
+    out = torch.randn(*out_shape, dtype=torch.float64)
+    if loss is F.binary_cross_entropy:
+        out = torch.sigmoid(out)
+    if loss is F.nll_loss:
+        out = torch.log_softmax(out, dim=1)
+    y = make_y()
+    expected = torch.stack([loss(out[i : i + 1], y[i : i + 1]) for i in range(7)])
+    assert _closed_form_losses(loss, out, y) is not None
+    got = per_sample_losses(loss, out, y)
+    assert torch.allclose(got, expected, rtol=1e-14, atol=0)
+
+
+def test_closed_form_losses_decline_what_they_cannot_reproduce() -> None:
+    out = torch.randn(4, 3, dtype=torch.float64)
+    ignored = torch.tensor([0, -100, 2, 1])  # a batch of one with it is NaN
+    assert _closed_form_losses(F.cross_entropy, out, ignored) is None
+    got = per_sample_losses(F.cross_entropy, out, ignored)
+    assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2, 3]]).all()
+    broadcast = torch.randn(4, dtype=torch.float64)  # (4, 3) against (4,)
+    assert _closed_form_losses(F.mse_loss, out[:, :1], broadcast) is None
+    assert _closed_form_losses(_sum_ce, out, torch.tensor([0, 1, 2, 1])) is None

@@ -74,7 +74,10 @@ def test_stores_equal_reference_float64(kind, lora64, tmp_path):
     assert (
         rel_err(infl.influence_factors(xt, yt), mem.influence_factors(xt, yt)) < 1e-12
     )
-    assert infl.block_regularization == mem.block_regularization
+    # the memory store's norms come from rank-one factors: equal to rounding
+    assert infl.block_regularization.keys() == mem.block_regularization.keys()
+    for k, v in mem.block_regularization.items():
+        assert infl.block_regularization[k] == pytest.approx(v, rel=1e-13)
 
 
 @pytest.mark.parametrize("kind", ["zarr", "recompute", "auto-spill"])
@@ -173,7 +176,8 @@ def test_half_precision_storage(dtype, bound, tmp_path):
     err = rel_err(half.train_influences(xt, yt), f32.train_influences(xt, yt))
     assert 0 < err < bound  # rounded, but close; documented in docs/scaling-out.md
     for k, v in half.squared_norms.items():  # norms from the exact gradients
-        assert torch.equal(v, f32.squared_norms[k])
+        # (f32's come from rank-one factors: equal up to float32 rounding)
+        assert torch.allclose(v, f32.squared_norms[k], rtol=1e-5, atol=0)
 
 
 def test_float16_overflow_is_refused(tmp_path):
@@ -356,7 +360,8 @@ def test_auto_without_path_uses_a_temporary_directory():
 
 def test_pickled_zarr_model_carries_no_gradients(tmp_path):
     model, loss, x, y, xt, yt = make_case("mlp", n=200)
-    mem = DataInfInfluence(model, loss, progress=False).fit(loader(x, y))
+    mem = DataInfInfluence(model, loss, progress=False, factorize=False)
+    mem.fit(loader(x, y))
     zs = DataInfInfluence(
         model, loss, progress=False, store="zarr", store_path=tmp_path / "g.zarr"
     ).fit(loader(x, y))

@@ -33,13 +33,14 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from pydvl.influence.torch.util import BlockMode, ModelParameterDictBuilder
 from torch import nn
 
 from .errors import BlockStructureError
+from .factored import join
 
 __all__ = ["Block", "BlockStructure", "BlockSpec", "build_blocks", "BlockMode"]
 
@@ -124,12 +125,17 @@ class BlockStructure:
         [build_blocks][pydvl_datainf.blocks.build_blocks]."""
         return OrderedDict((b.name, list(b.params)) for b in self.blocks)
 
-    def gather(self, per_param: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Concatenate per-parameter `(n, numel)` tensors into per-block `(n, d_l)`."""
-        out: Dict[str, torch.Tensor] = OrderedDict()
+    def gather(self, per_param: Mapping[str, Any]) -> Dict[str, Any]:
+        """Concatenate per-parameter `(n, numel)` tensors into per-block `(n, d_l)`.
+
+        A block whose first parameter is
+        [FactoredGrads][pydvl_datainf.factored.FactoredGrads] stays factored,
+        with its other parameters as the dense tail; see
+        [join][pydvl_datainf.factored.join].
+        """
+        out: Dict[str, Any] = OrderedDict()
         for b in self.blocks:
-            parts = [per_param[p] for p in b.params]
-            out[b.name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            out[b.name] = join([per_param[p] for p in b.params])
         return out
 
     def split(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -28,6 +28,12 @@ padding including `'same'` and non-zero padding modes, dilation, groups),
 `nn.Embedding` (`padding_idx`, `scale_grad_by_freq`), `nn.LayerNorm` and
 `nn.RMSNorm`.
 
+A layer may also have a *factor rule* (see
+[register_factor_rule][pydvl_datainf.grad_rules.register_factor_rule]): when
+the per-sample gradient of its weight is rank one, as for `nn.Linear` on
+inputs without a token dimension, the rule returns the two factors and `fit`
+caches them instead of the dense gradient (see [pydvl_datainf.factored][]).
+
 All rules compute in
 [accumulation_dtype][pydvl_datainf.gradients.accumulation_dtype] of the
 parameter: half-precision layers give float32 gradients.
@@ -87,8 +93,11 @@ from pydvl_datainf.gradients import accumulation_dtype
 __all__ = [
     "GradRule",
     "RULE_PARAMS",
+    "FactorRule",
     "accepts_out",
+    "get_factor_rule",
     "get_rule",
+    "register_factor_rule",
     "register_rule",
     "unregister_rule",
     "wanted",
@@ -130,7 +139,29 @@ class GradRule(Protocol):
     ) -> Dict[str, torch.Tensor]: ...
 
 
+class FactorRule(Protocol):
+    """Signature of a rank-one factor rule for a layer's `weight`.
+
+    Args:
+        module: the layer.
+        inputs: its positional inputs in the forward call, batch first.
+        grad_output: gradient of the summed loss with respect to its output.
+
+    Returns:
+        `(left, right)` of shapes `(batch, p)` and `(batch, q)` such that the
+        per-sample gradient of the weight, flattened, is
+        `(left[i, :, None] * right[i, None, :]).reshape(-1)`; or `None` when
+        this call's gradients are not rank one (e.g. several tokens per sample).
+        See [pydvl_datainf.factored][].
+    """
+
+    def __call__(
+        self, module: nn.Module, inputs: Sequence[Any], grad_output: torch.Tensor
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]: ...
+
+
 _RULES: Dict[type, GradRule] = {}
+_FACTOR_RULES: Dict[type, FactorRule] = {}
 
 _R = TypeVar("_R", bound=GradRule)
 
@@ -159,6 +190,18 @@ def unregister_rule(module_type: Type[nn.Module]) -> None:
     _RULES.pop(module_type, None)
 
 
+def _lookup(registry: Dict[type, Any], module_type: type) -> Any:
+    rule = registry.get(module_type)
+    if rule is not None:
+        return rule
+    forward = getattr(module_type, "forward", None)
+    for base in module_type.__mro__[1:]:
+        rule = registry.get(base)
+        if rule is not None:
+            return rule if forward is getattr(base, "forward", None) else None
+    return None
+
+
 def get_rule(module_type: type) -> Optional[GradRule]:
     """The rule for a module type, or `None`.
 
@@ -166,15 +209,32 @@ def get_rule(module_type: type) -> Optional[GradRule]:
     class in its MRO, provided that `module_type` inherits that class's
     `forward` unchanged.
     """
-    rule = _RULES.get(module_type)
-    if rule is not None:
+    return cast(Optional[GradRule], _lookup(_RULES, module_type))
+
+
+def register_factor_rule(
+    *module_types: Type[nn.Module],
+) -> Callable[[FactorRule], FactorRule]:
+    """Decorator registering a rank-one [FactorRule][pydvl_datainf.grad_rules.FactorRule].
+
+    Looked up like [get_rule][pydvl_datainf.grad_rules.get_rule]; a layer needs
+    a (dense) rule as well, which computes its other parameters and every call
+    that the factor rule declines.
+    """
+    if not module_types:
+        raise TypeError("register_factor_rule needs at least one module type")
+
+    def decorator(rule: FactorRule) -> FactorRule:
+        for t in module_types:
+            _FACTOR_RULES[t] = rule
         return rule
-    forward = getattr(module_type, "forward", None)
-    for base in module_type.__mro__[1:]:
-        rule = _RULES.get(base)
-        if rule is not None:
-            return rule if forward is getattr(base, "forward", None) else None
-    return None
+
+    return decorator
+
+
+def get_factor_rule(module_type: type) -> Optional[FactorRule]:
+    """The rank-one factor rule for a module type, or `None`."""
+    return cast(Optional[FactorRule], _lookup(_FACTOR_RULES, module_type))
 
 
 def wanted(module: nn.Module, names: Optional[Collection[str]]) -> List[str]:
@@ -268,6 +328,28 @@ def linear_rule(
     if "bias" in todo:
         result["bias"] = torch.sum(g, 1, out=_dst(out, "bias"))
     return result
+
+
+@register_factor_rule(nn.Linear)
+def linear_factors(
+    module: nn.Module, inputs: Sequence[Any], grad_output: torch.Tensor
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    r"""$(g_i, a_i)$ for a linear layer that sees one input vector per sample.
+
+    Declines (returns `None`) inputs with token dimensions of length other than
+    one, and layers too small to gain from factors ($p q \le p + q$).
+    """
+    weight = cast(nn.Linear, module).weight
+    a = _batch(inputs[0])
+    if a.dim() < 2 or a[0].numel() != a.shape[-1]:
+        return None
+    p, q = weight.shape
+    if p * q <= p + q or grad_output.shape[0] != a.shape[0]:
+        return None
+    b = a.shape[0]
+    left = _cast(grad_output, weight).reshape(b, p)
+    right = _cast(a, weight).reshape(b, q)
+    return left, right
 
 
 def _explicit_padding(module: Any, n_spatial: int) -> List[Tuple[int, int]]:

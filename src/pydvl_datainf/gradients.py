@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from typing import Callable, Dict, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Tuple, Union
 
 import torch
 from torch import nn
@@ -96,6 +96,24 @@ class GradientEngine(ABC):
             [accumulation_dtype][pydvl_datainf.gradients.accumulation_dtype] of the
             parameter, detached.
         """
+
+    def per_sample_grads_factored(
+        self,
+        model: nn.Module,
+        loss: LossFn,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        params: Mapping[str, nn.Parameter],
+    ) -> Dict[str, Any]:
+        """Per-sample gradients, where an engine may keep some rank-one factored.
+
+        Values are dense tensors as from `per_sample_grads`, or
+        [FactoredGrads][pydvl_datainf.factored.FactoredGrads] standing for them.
+        `fit` calls this to cache compact gradients. The default returns
+        `per_sample_grads`; the hooks engine factors linear layers without a
+        token dimension.
+        """
+        return dict(self.per_sample_grads(model, loss, x, y, params))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

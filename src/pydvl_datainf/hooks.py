@@ -11,14 +11,19 @@ without `torch.func`. For a batch $x_1, \dots, x_B$ it
 2. runs **one** batched forward `out = model(x)`;
 3. evaluates the per-sample losses exactly as pyDVL's convention demands, i.e.
    with the user's loss on a batch of one,
-   $\ell_i = \mathrm{loss}(\mathrm{out}[i{:}i{+}1], y[i{:}i{+}1])$ (vectorised
-   with `torch.func.vmap` when possible, otherwise in a loop over the batch),
+   $\ell_i = \mathrm{loss}(\mathrm{out}[i{:}i{+}1], y[i{:}i{+}1])$ (in one
+   call for common `torch.nn.functional` losses, else vectorised with
+   `torch.func.vmap` when possible, otherwise in a loop over the batch),
    whatever the reduction of the loss;
 4. runs **one** backward of $L = \sum_i \ell_i$ with respect to the captured
    module outputs (never to the parameters, so that no `.grad` is populated);
 5. turns activations and output gradients into per-sample gradients with the
    per-layer rules of [grad_rules][pydvl_datainf.grad_rules], summing the
-   contributions of modules called several times in one forward.
+   contributions of modules called several times in one forward. With
+   `per_sample_grads_factored` (what `fit` uses), a linear layer called once
+   on one vector per sample returns its weight gradients as the rank-one
+   factors $(\partial L/\partial z_i, a_i)$ instead
+   ([pydvl_datainf.factored][]).
 
 The key identity is that, when samples do not interact in the forward,
 $\partial L / \partial z_i = \partial \ell_i / \partial z_i$ for the output
@@ -86,14 +91,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_map
 
-from pydvl_datainf.grad_rules import RULE_PARAMS, GradRule, accepts_out, get_rule
+from pydvl_datainf.factored import FactoredGrads, Rows, densify
+from pydvl_datainf.grad_rules import (
+    RULE_PARAMS,
+    GradRule,
+    accepts_out,
+    get_factor_rule,
+    get_rule,
+)
 from pydvl_datainf.gradients import (
     FuncGradientEngine,
     GradientEngine,
@@ -168,10 +181,46 @@ def _allocate(
     return out
 
 
+_CLASS_LOSSES = (F.cross_entropy, F.nll_loss)
+_ELEMENT_LOSSES = (
+    F.mse_loss,
+    F.l1_loss,
+    F.smooth_l1_loss,
+    F.huber_loss,
+    F.binary_cross_entropy_with_logits,
+    F.binary_cross_entropy,
+)
+
+
+def _closed_form_losses(
+    loss: LossFn, out: Any, y: torch.Tensor
+) -> Optional[torch.Tensor]:
+    """The per-sample losses of common `torch.nn.functional` losses (called with
+    their defaults) in one call, in the cases where `reduction="none"` gives
+    exactly the batch-of-one values; `None` otherwise."""
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or len(out) != len(y):
+        return None
+    if loss in _CLASS_LOSSES:
+        if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
+            if bool((y == -100).any()):  # ignored target: a batch of one is NaN
+                return None
+            return loss(out, y, reduction="none")
+        return None
+    if loss in _ELEMENT_LOSSES and out.shape == y.shape:
+        return loss(out, y, reduction="none").reshape(len(y), -1).mean(1)
+    return None
+
+
 def per_sample_losses(
     loss: LossFn, out: Any, y: torch.Tensor, vectorize: bool = True
 ) -> torch.Tensor:
     """The losses $\\ell_i = $ `loss(out[i:i+1], y[i:i+1])`, as a vector.
+
+    Common losses of `torch.nn.functional` with their default arguments
+    (`cross_entropy` and `nll_loss` on class indices; `mse_loss`, `l1_loss`,
+    `smooth_l1_loss`, `huber_loss` and the binary cross-entropies on targets of
+    the output's shape) are evaluated in one call with `reduction="none"`,
+    which gives the same values.
 
     Args:
         loss: the user's loss, applied to batches of one.
@@ -184,6 +233,9 @@ def per_sample_losses(
         A tensor of shape `(len(y),)`, differentiable with respect to `out`.
     """
     batch = len(y)
+    closed = _closed_form_losses(loss, out, y)
+    if closed is not None:
+        return closed
     if vectorize:
         try:
 
@@ -326,6 +378,39 @@ class HookGradientEngine(GradientEngine):
         y: torch.Tensor,
         params: Mapping[str, nn.Parameter],
     ) -> Dict[str, torch.Tensor]:
+        grads = self._per_sample(model, loss, x, y, params, factored=False)
+        return {k: densify(v) for k, v in grads.items()}
+
+    def per_sample_grads_factored(
+        self,
+        model: nn.Module,
+        loss: LossFn,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        params: Mapping[str, nn.Parameter],
+    ) -> Dict[str, Rows]:
+        """Like `per_sample_grads`, but rank-one weight gradients stay factored.
+
+        A weight is returned as
+        [FactoredGrads][pydvl_datainf.factored.FactoredGrads] when its layer has
+        a factor rule that accepts the call (e.g. `nn.Linear` on inputs without
+        a token dimension) and the layer is called once per forward; all other
+        parameters are dense, as from `per_sample_grads`.
+
+        The factors may be views of the layer's input, which can be `x`
+        itself: copy them before changing `x` in place.
+        """
+        return self._per_sample(model, loss, x, y, params, factored=True)
+
+    def _per_sample(
+        self,
+        model: nn.Module,
+        loss: LossFn,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        params: Mapping[str, nn.Parameter],
+        factored: bool,
+    ) -> Dict[str, Rows]:
         batch = len(x)
         if batch == 0:
             return {
@@ -334,14 +419,16 @@ class HookGradientEngine(GradientEngine):
             }
         plan = self.plan(model, params)
         fallback = dict(plan.fallback)
-        result: Dict[str, torch.Tensor] = {}
+        result: Dict[str, Rows] = {}
 
         changed = [p for p in params.values() if not p.requires_grad]
         for p in changed:
             p.requires_grad_(True)
         try:
             if plan.hooked:
-                hooked, failed = self._hooked_pass(model, loss, x, y, params, plan)
+                hooked, failed = self._hooked_pass(
+                    model, loss, x, y, params, plan, factored
+                )
                 result.update(hooked)
                 fallback.update(failed)
             if fallback:
@@ -359,7 +446,8 @@ class HookGradientEngine(GradientEngine):
         y: torch.Tensor,
         params: Mapping[str, nn.Parameter],
         plan: HookPlan,
-    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+        factored: bool = False,
+    ) -> Tuple[Dict[str, Rows], Dict[str, str]]:
         """One forward and one backward; returns gradients and failed params."""
         batch = len(x)
         # per module: (inputs, their versions, output edge) for each call
@@ -433,7 +521,17 @@ class HookGradientEngine(GradientEngine):
         del total
 
         names = [n for h in plan.hooked for n in h.params.values()]
-        result = _allocate(names, params, batch)
+        uses: Dict[str, int] = {}
+        for h, _ in order:
+            for n in h.params.values():
+                uses[n] = uses.get(n, 0) + 1
+        result: Dict[str, Any] = {}
+
+        def buffer(name: str) -> torch.Tensor:
+            if name not in result:
+                result.update(_allocate([name], params, batch))
+            return cast(torch.Tensor, result[name])
+
         written: set = set()
         failed: Dict[str, str] = {}
         for h in plan.hooked:
@@ -470,28 +568,51 @@ class HookGradientEngine(GradientEngine):
                 )
                 failed.update({n: reason for n in h.params.values()})
                 continue
+            local_names = dict(h.params)
+            weight_name = local_names.get("weight")
+            factor_rule = get_factor_rule(type(h.module)) if factored else None
+            if (
+                factor_rule is not None
+                and weight_name is not None
+                and uses[weight_name] == 1
+            ):
+                try:
+                    factors = factor_rule(h.module, inputs, g)
+                except Exception as e:  # noqa: BLE001 - the dense rule decides
+                    logger.debug("factor rule for %s failed (%s)", h.name, e)
+                    factors = None
+                if factors is not None:
+                    left, right = factors
+                    result[weight_name] = FactoredGrads(left.detach(), right.detach())
+                    written.add(weight_name)
+                    del local_names["weight"]
+            if not local_names:
+                continue
             kwargs: Dict[str, Any] = {}
             if accepts_out(h.rule):
                 kwargs["out"] = {
-                    local: result[name].view(batch, *params[name].shape)
-                    for local, name in h.params.items()
+                    local: buffer(name).view(batch, *params[name].shape)
+                    for local, name in local_names.items()
                     if name not in written
                 }
             try:
                 rule: Any = h.rule
-                per_sample = rule(h.module, inputs, g, names=list(h.params), **kwargs)
+                per_sample = rule(
+                    h.module, inputs, g, names=list(local_names), **kwargs
+                )
             except Exception as e:  # noqa: BLE001 - reported, then fallback
                 logger.warning("rule for %s failed (%s); using fallback", h.name, e)
                 reason = f"rule for {h.name} ({type(h.module).__name__}) failed: {e}"
                 failed.update({n: reason for n in h.params.values()})
                 continue
-            for local, name in h.params.items():
+            for local, name in local_names.items():
                 value = per_sample[local].reshape(batch, -1)
                 if name in written:
-                    result[name].add_(value)
+                    buffer(name).add_(value)
                 else:
-                    if value.data_ptr() != result[name].data_ptr():
-                        result[name].copy_(value)  # the rule did not use `out`
+                    dst = buffer(name)
+                    if value.data_ptr() != dst.data_ptr():
+                        dst.copy_(value)  # the rule did not use `out`
                     written.add(name)
             del per_sample, g
 
@@ -499,12 +620,12 @@ class HookGradientEngine(GradientEngine):
             if name in failed:
                 result.pop(name, None)
             elif name not in written:  # never called, or no gradient reached it
-                result[name].zero_()
+                buffer(name).zero_()
 
         for (name, checked_param), g in zip(checked, grads[len(edges) :]):
             if name in failed:
                 continue
-            self._check(name, checked_param, result[name], g)
+            self._check(name, checked_param, densify(result[name]), g)
         return result, failed
 
     @staticmethod

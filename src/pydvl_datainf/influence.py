@@ -60,6 +60,8 @@ from .errors import (
     StoreExistsError,
     StoreMismatchError,
 )
+from .factored import Rows, densify, rows_nbytes
+from .factored import squared_norms as factored_norms
 from .fingerprint import WeightWatch
 from .gradients import GradientEngine, LossFn, accumulation_dtype, get_engine
 from .perturbation import perturbation_influences_by_block
@@ -179,6 +181,13 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         store_options: more [ZarrGradientStore][pydvl_datainf.stores.ZarrGradientStore]
             arguments: `overwrite`, `chunk_rows`, `storage_options`,
             `compressors`.
+        factorize: let `fit` keep rank-one per-sample gradients (linear layers
+            without a token dimension, e.g. the LoRA adapters of an MLP) as
+            their two factors in the in-memory cache (see
+            [pydvl_datainf.factored][]): exact, $(p+q)/(pq)$ of the memory,
+            and no per-sample outer products during `fit`. Reads expand
+            them. Needs an engine with factor support (the default hooks
+            engine); on-disk stores always hold dense rows.
 
     Example:
         ```python
@@ -212,6 +221,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         store_dtype: Union[None, str, torch.dtype] = None,
         memory_budget: Union[None, int, str] = None,
         store_options: Optional[Mapping[str, Any]] = None,
+        factorize: bool = True,
     ):
         self.model = model
         self.loss = loss
@@ -248,8 +258,10 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         self.store_options: Dict[str, Any] = dict(store_options or {})
         self._owned_store_path: Optional[str] = None
         self.progress = progress
+        self.factorize = bool(factorize)
         self.test_factor_cache = int(test_factor_cache)
         self._lock = _model_lock(model)
+        self._eval_depth = 0
         self._factor_cache: OrderedDict[bytes, Blockwise] = OrderedDict()
         self._reset_fit()
 
@@ -267,10 +279,12 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         state = self.__dict__.copy()
         state.pop("_lock", None)
         state["_factor_cache"] = OrderedDict()
+        state["_eval_depth"] = 0
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_eval_depth", 0)
         self._lock = _model_lock(self.model)
 
     @property
@@ -410,40 +424,68 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
     # -------------------------------------------------------------- gradients
     @contextmanager
     def _eval_mode(self) -> Iterator[None]:
+        """The model in eval mode (restored after); nested uses cost nothing."""
+        if self._eval_depth:
+            self._eval_depth += 1
+            try:
+                yield
+            finally:
+                self._eval_depth -= 1
+            return
         was_training = self.model.training
         self.model.eval()
+        self._eval_depth = 1
         try:
             yield
         finally:
+            self._eval_depth = 0
             self.model.train(was_training)
 
     def _grads(
         self, x: torch.Tensor, y: torch.Tensor, offset: Optional[int] = None
     ) -> Blockwise:
         """Per-sample gradients per block, `(b, d_l)`, checked for finiteness."""
-        return self._grads_and_norms(x, y, offset)[0]
+        grads = self._grads_and_norms(x, y, offset)[0]
+        return OrderedDict((k, densify(g)) for k, g in grads.items())
 
     def _grads_and_norms(
-        self, x: torch.Tensor, y: torch.Tensor, offset: Optional[int] = None
-    ) -> Tuple[Blockwise, Blockwise]:
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        offset: Optional[int] = None,
+        factored: bool = False,
+    ) -> Tuple[Dict[str, Rows], Blockwise]:
         """Per-sample gradients and their squared norms per block.
 
         A gradient with a NaN or inf entry has a non-finite squared norm, so the
         norms (needed anyway) double as the finiteness check.
+
+        Args:
+            factored: allow [FactoredGrads][pydvl_datainf.factored.FactoredGrads]
+                blocks (their norms come from the factors).
 
         Raises:
             NonFiniteGradientError: naming the samples (training indices when
                 `offset` is given).
         """
         device = self.device
+        x, y = x.to(device), y.to(device)
         with self._lock, self._eval_mode():
-            per_param = self.engine.per_sample_grads(
-                self.model, self.loss, x.to(device), y.to(device), self.params
-            )
+            if factored:
+                per_param = self.engine.per_sample_grads_factored(
+                    self.model, self.loss, x, y, self.params
+                )
+            else:
+                per_param = dict(
+                    self.engine.per_sample_grads(
+                        self.model, self.loss, x, y, self.params
+                    )
+                )
         grads = self.blocks.gather(per_param)
-        norms = OrderedDict((k, formula.squared_norms(g)) for k, g in grads.items())
-        finite = torch.stack([torch.isfinite(s) for s in norms.values()])
-        if not bool(finite.all()):
+        norms = OrderedDict((k, factored_norms(g)) for k, g in grads.items())
+        # the norms are >= 0: their total is finite iff every one of them is
+        if not bool(torch.isfinite(torch.cat(list(norms.values())).sum())):
+            finite = torch.stack([torch.isfinite(s) for s in norms.values()])
             bad_blocks = [k for k, ok in zip(norms, finite.all(dim=1)) if not ok]
             idx = torch.nonzero(~finite.all(dim=0)).flatten().tolist()
             where = (
@@ -559,6 +601,15 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             )
         return cast(GradientStore, cast(Callable, spec)(self.blocks.names))
 
+    @staticmethod
+    def _exact_key_bytes(store: GradientStore, grads: Mapping[str, Rows]) -> int:
+        """Largest sample kept by its bytes in the row index: one cached gradient
+        row for in-memory caches (the index never outgrows the cache), else 64."""
+        if isinstance(store, MemoryGradientStore):
+            n = len(next(iter(grads.values())))
+            return max(64, sum(rows_nbytes(g) for g in grads.values()) // max(1, n))
+        return 64
+
     def fit(self, data: DataLoader) -> DataInfInfluence:
         """One pass over `data`: cache gradients, squared norms and $\\lambda_l$.
 
@@ -581,10 +632,11 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                 "The training loader shuffles: training rows are numbered in the "
                 "order of this pass, not the dataset's order."
             )
-        with self._lock:
+        with self._lock, self._eval_mode():  # eval mode once for the pass
             self._reset_fit()
             store = self._new_store(data)
-            rows = RowIndex()
+            factored = self.factorize and getattr(store, "accepts_factored", False)
+            rows: Optional[RowIndex] = None
             norm_parts: Dict[str, List[torch.Tensor]] = {
                 k: [] for k in self.blocks.names
             }
@@ -610,12 +662,14 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                 _check_batch(x, y, "training batch x")
                 if len(x) == 0:
                     continue
-                grads, norms = self._grads_and_norms(x, y, offset=n)
+                grads, norms = self._grads_and_norms(x, y, offset=n, factored=factored)
                 for k, s in norms.items():
                     norm_parts[k].append(s)
                 store.note_batch(x, y)
                 store.append(grads)
                 if store.random_access:
+                    if rows is None:
+                        rows = RowIndex(self._exact_key_bytes(store, grads))
                     rows.add(x, y)
                 n += len(x)
             if n == 0:

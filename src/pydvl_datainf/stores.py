@@ -56,12 +56,14 @@ from typing import (
     Sequence,
     Tuple,
     Union,
+    cast,
 )
 
 import numpy as np
 import torch
 
 from .errors import NonFiniteGradientError, StoreExistsError, StoreMismatchError
+from .factored import FactoredGrads, RowParts, Rows, densify, rows_nbytes
 from .rows import batch_digest
 
 __all__ = [
@@ -298,7 +300,7 @@ def _large_empty(
     gradient cache; 2 MiB pages make them ~500 times fewer). Best effort."""
     t = torch.empty(shape, dtype=dtype, device=device)
     nbytes = t.numel() * t.element_size()
-    if device.type == "cpu" and nbytes >= 8 << 20 and sys.platform == "linux":
+    if device.type == "cpu" and nbytes >= 2 << 20 and sys.platform == "linux":
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             page = 2 << 20
@@ -319,6 +321,9 @@ class GradientStore(ABC):
 
     Attributes:
         random_access: whether `read` and `take` are cheap (no recomputation).
+        accepts_factored: whether `append` takes
+            [FactoredGrads][pydvl_datainf.factored.FactoredGrads] blocks; `fit`
+            passes dense rows to stores that do not.
 
     Example:
         ```python
@@ -328,6 +333,7 @@ class GradientStore(ABC):
     """
 
     random_access: bool = True
+    accepts_factored: bool = False
     _prefetch: bool = False  # read the next chunk in a thread while one is used
 
     def __init__(self, block_names: Sequence[str]):
@@ -340,8 +346,9 @@ class GradientStore(ABC):
         """Number of rows (training samples) written so far."""
 
     @abstractmethod
-    def append(self, grads: Mapping[str, torch.Tensor]) -> None:
-        """Append the rows of a batch: one `(b, d_l)` tensor per block."""
+    def append(self, grads: Mapping[str, Rows]) -> None:
+        """Append the rows of a batch: one `(b, d_l)` tensor per block (or its
+        factors, if the store `accepts_factored`)."""
 
     def note_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Called by `fit` with the inputs of each batch before its `append`."""
@@ -419,7 +426,7 @@ class GradientStore(ABC):
         """Move in-memory tensors to `device` (no-op for on-disk stores)."""
         return self
 
-    def _check_append(self, grads: Mapping[str, torch.Tensor]) -> None:
+    def _check_append(self, grads: Mapping[str, Rows]) -> None:
         if self._finalized:
             raise RuntimeError("Cannot append to a finalized gradient store")
         if list(grads) != self.block_names:
@@ -431,8 +438,24 @@ class GradientStore(ABC):
             raise ValueError(f"Blocks have different numbers of rows: {lengths}")
 
 
+_Kept = Union[torch.Tensor, FactoredGrads, RowParts]
+
+
 class MemoryGradientStore(GradientStore):
-    """Keeps every block's gradients as one tensor in memory.
+    """Keeps every block's gradients in memory, dense or as rank-one factors.
+
+    Blocks appended as [FactoredGrads][pydvl_datainf.factored.FactoredGrads]
+    (what `fit` does for linear layers without a token dimension) stay
+    factored; `read`, `take`, `chunks` and `data` expand them to dense rows,
+    chunk by chunk. With `capacity`, each block is one buffer allocated at the
+    first append (with a transparent-huge-page hint: writing fresh memory is
+    mostly page faults otherwise); without it, batches are kept as they come
+    (factored blocks in [RowParts][pydvl_datainf.factored.RowParts], dense
+    ones concatenated once at `finalize`).
+
+    Args:
+        block_names: block names, in order.
+        capacity: the number of rows expected, if known.
 
     Example:
         ```python
@@ -443,14 +466,17 @@ class MemoryGradientStore(GradientStore):
         ```
     """
 
+    accepts_factored = True
+
     def __init__(self, block_names: Sequence[str], capacity: Optional[int] = None):
         super().__init__(block_names)
-        self._parts: Dict[str, List[torch.Tensor]] = {k: [] for k in self.block_names}
-        self._data: Dict[str, torch.Tensor] = {}
-        self._buffers: Dict[str, torch.Tensor] = {}
         self.capacity = capacity
+        self._buffers: Dict[str, Rows] = {}  # preallocated, filled up to n
+        self._parts: Dict[str, Union[List[torch.Tensor], RowParts]] = {}
+        self._data: Dict[str, _Kept] = {}  # after finalize
+        self._batch_starts: List[int] = [0]
+        self._batch: Tuple[torch.Tensor, ...] = ()  # the inputs of this append
         self._n = 0
-        self._nbytes = 0
 
     @property
     def n(self) -> int:
@@ -458,86 +484,157 @@ class MemoryGradientStore(GradientStore):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the gradients."""
-        return self._nbytes
+        """Bytes held by the gradients (by the factors, for factored blocks)."""
+        return sum(rows_nbytes(self._block(k)) for k in self._known())
 
-    def append(self, grads: Mapping[str, torch.Tensor]) -> None:
-        self._check_append(grads)
-        rows = len(next(iter(grads.values())))
-        if self.capacity is not None and not self._buffers:
-            # one allocation per block for the whole pass: no final copy
-            self._buffers = {
-                k: _large_empty(
-                    (max(self.capacity, rows), g.shape[1]), g.dtype, g.device
+    def _known(self) -> List[str]:
+        return [
+            k
+            for k in self.block_names
+            if k in self._data or k in self._buffers or k in self._parts
+        ]
+
+    def _block(self, k: str) -> _Kept:
+        """Block `k`'s rows so far (dense parts are concatenated)."""
+        if k in self._data:
+            return self._data[k]
+        if k in self._buffers:
+            return self._buffers[k][: self._n]
+        parts = self._parts[k]
+        if isinstance(parts, RowParts):
+            return parts
+        if len(parts) > 1:
+            self._parts[k] = parts = [torch.cat(parts)]
+        return parts[0]
+
+    def _make_dense(self, k: str) -> None:
+        """Block `k` continues dense (a batch that could not be factored)."""
+        kept = self._block(k)
+        self._buffers.pop(k, None)
+        whole = kept.whole() if isinstance(kept, RowParts) else kept
+        self._parts[k] = [densify(whole)]
+
+    def _append_block(self, k: str, g: Rows) -> None:
+        rows = len(g)
+        factored = isinstance(g, FactoredGrads)
+        if k not in self._buffers and k not in self._parts:  # first batch
+            if self.capacity is not None:
+                size = max(self.capacity, rows)
+                self._buffers[k] = (
+                    g.map(lambda t: _large_empty((size, t.shape[1]), t.dtype, t.device))
+                    if isinstance(g, FactoredGrads)
+                    else _large_empty((size, g.shape[1]), g.dtype, g.device)
                 )
-                for k, g in grads.items()
-            }
-        if self._buffers and self._n + rows > len(next(iter(self._buffers.values()))):
-            # more rows than announced: fall back to keeping parts
-            for k, b in self._buffers.items():
-                self._parts[k].append(b[: self._n])
-            self._buffers, self.capacity = {}, None
-        for k, g in grads.items():
-            if self._buffers:
-                self._buffers[k][self._n : self._n + rows] = g.detach()
             else:
-                self._parts[k].append(g.detach())
-            self._nbytes += g.numel() * g.element_size()
-        self._n += rows
+                self._parts[k] = RowParts() if factored else []
+        buf = self._buffers.get(k)
+        if buf is not None:
+            same_kind = isinstance(buf, FactoredGrads) == factored and (
+                not factored or buf.shape[1] == g.shape[1]
+            )
+            if same_kind and self._n + rows <= len(buf):
+                if isinstance(buf, FactoredGrads):
+                    for dst, src in zip(buf.parts(), cast(FactoredGrads, g).parts()):
+                        dst[self._n : self._n + rows] = src.detach()
+                else:
+                    buf[self._n : self._n + rows] = cast(torch.Tensor, g).detach()
+                return
+            # more rows than announced, or another kind: keep as parts
+            del self._buffers[k]
+            if isinstance(buf, FactoredGrads):
+                kept = RowParts()
+                kept.append(buf[: self._n], copy_views=False)
+                self._parts[k] = kept
+            else:
+                self._parts[k] = [buf[: self._n]]
+        parts = self._parts[k]
+        if isinstance(parts, RowParts):
+            if isinstance(g, FactoredGrads) and parts.fits(g):
+                parts.append(g, foreign=self._batch)  # never alias the inputs
+                return
+            self._make_dense(k)
+            parts = self._parts[k]
+        cast(List[torch.Tensor], parts).append(densify(g).detach())
 
-    def appended(self) -> Iterator[Dict[str, torch.Tensor]]:
+    def note_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._batch = (x, y)
+
+    def append(self, grads: Mapping[str, Rows]) -> None:
+        self._check_append(grads)
+        for k, g in grads.items():
+            self._append_block(k, g)
+        self._batch = ()
+        self._n += len(next(iter(grads.values())))
+        self._batch_starts.append(self._n)
+
+    def appended(self) -> Iterator[Dict[str, Rows]]:
         """The rows appended so far, as per-block batches (before `finalize`)."""
-        if self._buffers:
-            yield {k: b[: self._n] for k, b in self._buffers.items()}
-        else:
-            for part in zip(*(self._parts[k] for k in self.block_names)):
-                yield dict(zip(self.block_names, part))
+        blocks = {k: self._block(k) for k in self.block_names}
+        for lo, hi in zip(self._batch_starts, self._batch_starts[1:]):
+            yield {k: b[lo:hi] for k, b in blocks.items()}
 
     def finalize(self) -> None:
+        if self._finalized:
+            return
         super().finalize()
-        if self._buffers:
-            self._data = {k: b[: self._n] for k, b in self._buffers.items()}
-        else:
-            self._data = {
-                k: (v[0] if len(v) == 1 else torch.cat(v))
-                for k, v in self._parts.items()
-                if v
-            }
-        self._parts = {k: [] for k in self.block_names}
-        self._buffers = {}
+        self._data = {k: self._block(k) for k in self._known()}
+        self._buffers, self._parts = {}, {}
 
-    @property
-    def data(self) -> Dict[str, torch.Tensor]:
-        """The `(n, d_l)` gradient matrix of each block."""
+    def _kept(self) -> Dict[str, _Kept]:
         if not self._finalized:
             self.finalize()
         return self._data
 
     @property
+    def rows(self) -> Dict[str, Rows]:
+        """Each block's rows as kept: a dense `(n, d_l)` tensor or its factors
+        (factors kept batch by batch are concatenated for this view)."""
+        return {
+            k: (v.whole() if isinstance(v, RowParts) else v)
+            for k, v in self._kept().items()
+        }
+
+    @property
+    def factored_blocks(self) -> List[str]:
+        """The blocks kept as rank-one factors."""
+        return [
+            k
+            for k, v in self._kept().items()
+            if isinstance(v, (FactoredGrads, RowParts))
+        ]
+
+    @property
+    def data(self) -> Dict[str, torch.Tensor]:
+        """The dense `(n, d_l)` gradient matrix of each block (factored blocks
+        are expanded: prefer `read`, `take` or `chunks` for large stores)."""
+        return {k: densify(v) for k, v in self.rows.items()}
+
+    @property
     def chunk_rows(self) -> Optional[int]:
-        data = self.data
-        if not data:
+        kept = self._kept()
+        if not kept or self._n == 0:
             return None
-        row = sum(v.shape[1] * v.element_size() for v in data.values())
-        return default_chunk_rows(row)
+        return default_chunk_rows(
+            sum(v.shape[1] * v.dtype.itemsize for v in kept.values())
+        )
 
     def chunks(
         self, rows: Optional[int] = None
     ) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
-        data = self.data
-        step = self._n if rows is None else max(1, rows)
+        if rows is None:  # all at once, unless factored blocks must be expanded
+            rows = (self.chunk_rows or 1) if self.factored_blocks else self._n
+        step = max(1, rows)
         for start in range(0, self._n, step):
-            yield start, {k: v[start : start + step] for k, v in data.items()}
+            yield start, self.read(start, start + step)
 
     def read(self, start: int, stop: int) -> Dict[str, torch.Tensor]:
-        return {k: v[start:stop] for k, v in self.data.items()}
+        return {k: densify(v[start:stop]) for k, v in self._kept().items()}
 
     def take(self, index: torch.Tensor) -> Dict[str, torch.Tensor]:
-        data = self.data
-        return {k: v[index.to(v.device)] for k, v in data.items()}
+        return {k: densify(v[index.to(v.device)]) for k, v in self._kept().items()}
 
     def to(self, device: torch.device) -> MemoryGradientStore:
-        self._data = {k: v.to(device) for k, v in self.data.items()}
+        self._data = {k: v.to(device) for k, v in self._kept().items()}
         return self
 
 
@@ -848,13 +945,14 @@ class ZarrGradientStore(GradientStore):
             }
         )
 
-    def append(self, grads: Mapping[str, torch.Tensor]) -> None:
+    def append(self, grads: Mapping[str, Rows]) -> None:
         self._check_append(grads)
+        dense = {k: densify(g) for k, g in grads.items()}
         with self._lock:
             if self._arrays is None:
-                self._create_arrays(grads)
+                self._create_arrays(dense)
             assert self._dtype is not None and self._chunk_rows is not None
-            for k, g in grads.items():
+            for k, g in dense.items():
                 t = g.detach().to(device="cpu", dtype=self._dtype)
                 if t.dtype in (torch.float16, torch.bfloat16) and not bool(
                     torch.isfinite(t).all()
@@ -865,8 +963,8 @@ class ZarrGradientStore(GradientStore):
                         f"bfloat16 or float32 instead."
                     )
                 self._buffer[k].append(_torch_to_numpy(t, self._dtype))
-            self._buffered += len(next(iter(grads.values())))
-            self._n += len(next(iter(grads.values())))
+            self._buffered += len(next(iter(dense.values())))
+            self._n += len(next(iter(dense.values())))
             while self._buffered >= self._chunk_rows:
                 self._flush(self._chunk_rows)
 
@@ -1045,7 +1143,7 @@ class RecomputeGradientStore(GradientStore):
         if self.verify:
             self._digests.append(batch_digest(x, y))
 
-    def append(self, grads: Mapping[str, torch.Tensor]) -> None:
+    def append(self, grads: Mapping[str, Rows]) -> None:
         self._check_append(grads)
         self._n += len(next(iter(grads.values())))
 
@@ -1165,10 +1263,12 @@ class AutoGradientStore(GradientStore):
     def random_access(self) -> bool:  # type: ignore[override]
         return self._inner.random_access
 
-    def append(self, grads: Mapping[str, torch.Tensor]) -> None:
+    accepts_factored = True
+
+    def append(self, grads: Mapping[str, Rows]) -> None:
         self._check_append(grads)
         if self._memory is not None:
-            new = sum(g.numel() * g.element_size() for g in grads.values())
+            new = sum(rows_nbytes(g) for g in grads.values())
             if self._memory.nbytes + new > self.budget_bytes:
                 disk = self._factory()
                 logger.info(
