@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 class LoRALinear(nn.Module):
@@ -42,6 +43,18 @@ class ConvNet(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
+class TokenModel(nn.Module):
+    """Token ids -> embedding mean -> linear: integer inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.emb(x).mean(1)))
+
+
 def mlp(d_in=5, hidden=6, d_out=3):
     return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
 
@@ -70,3 +83,26 @@ def make_case(name: str, n: int = 24, m: int = 5, seed: int = 0):
         raise ValueError(name)
     model = model.double()
     return model, loss, x[:n], y[:n], x[n:], y[n:]
+
+
+def loader(x, y, bs=7, shuffle=False):
+    """A DataLoader over `(x, y)` (batches of `bs`, in order unless `shuffle`)."""
+    return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=shuffle)
+
+
+def fit_zarr(model, loss, x, y, path, chunk_rows=None, bs=7, **kwargs):
+    """`DataInfInfluence` fitted into a Zarr gradient store at `path`."""
+    from pydvl_datainf import DataInfInfluence
+
+    options = dict(kwargs.pop("store_options", {}))
+    if chunk_rows is not None:
+        options["chunk_rows"] = chunk_rows
+    return DataInfInfluence(
+        model,
+        loss,
+        progress=False,
+        store="zarr",
+        store_path=path,
+        store_options=options,
+        **kwargs,
+    ).fit(loader(x, y, bs))

@@ -15,7 +15,7 @@ from pydvl.influence.torch.util import (
 from pydvl.influence.types import InfluenceMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from models import make_case
+from models import loader, make_case
 from pydvl_datainf import DataInfInfluence
 from reference import DenseDataInf, rel_err
 
@@ -27,10 +27,6 @@ def setup():
     infl.fit(DataLoader(TensorDataset(x, y), batch_size=30))
     ref = DenseDataInf(model, loss, x, y, infl.blocks.to_dict())
     return infl, ref, x, y, xt, yt
-
-
-def loader(x, y, bs):
-    return DataLoader(TensorDataset(x, y), batch_size=bs)
 
 
 @pytest.mark.parametrize("test_bs,train_bs", [(1, 30), (3, 7), (8, 4), (5, 1)])

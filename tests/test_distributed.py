@@ -17,20 +17,14 @@ import zarr
 from pydvl.influence import DaskInfluenceCalculator, SequentialInfluenceCalculator
 from pydvl.influence.influence_calculator import DisableClientSingleThreadCheck
 from pydvl.influence.torch.util import NestedTorchCatAggregator, TorchNumpyConverter
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from models import make_case
+from models import TokenModel, fit_zarr, loader, make_case
 from pydvl_datainf import DataInfInfluence, influence_matrix
 from reference import DenseDataInf, rel_err
 
 distributed = pytest.importorskip("distributed")
 
 N, M = 30, 9
-
-
-def loader(x, y, bs=7):
-    return DataLoader(TensorDataset(x, y), batch_size=bs)
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +46,7 @@ def client():
 def case(tmp_path_factory):
     model, loss, x, y, xt, yt = make_case("lora", n=N, m=M)
     path = tmp_path_factory.mktemp("store") / "g.zarr"
-    infl = DataInfInfluence(
-        model,
-        loss,
-        progress=False,
-        store="zarr",
-        store_path=path,
-        store_options={"chunk_rows": 8},
-    ).fit(loader(x, y))
+    infl = fit_zarr(model, loss, x, y, path, chunk_rows=8)
     ref = DenseDataInf(model, loss, x, y, infl.blocks.to_dict())
     return infl, ref, x, y, xt, yt
 
@@ -100,14 +87,7 @@ def test_cluster_matrix_equals_local_and_reference(client, case, tmp_path, monke
 def test_cluster_matrix_float32_and_resume(client, tmp_path):
     model, loss, x, y, xt, yt = make_case("mlp", n=40, m=6)
     model, x, xt = model.float(), x.float(), xt.float()
-    infl = DataInfInfluence(
-        model,
-        loss,
-        progress=False,
-        store="zarr",
-        store_path=tmp_path / "g.zarr",
-        store_options={"chunk_rows": 16},
-    ).fit(loader(x, y))
+    infl = fit_zarr(model, loss, x, y, tmp_path / "g.zarr", chunk_rows=16)
     mem = DataInfInfluence(model, loss, progress=False).fit(loader(x, y))
     res = influence_matrix(
         infl, (xt, yt), tmp_path / "m.zarr", client=client, progress=False
@@ -168,16 +148,6 @@ def test_threads_share_one_model_exactly(case, tmp_path):
     for j, a, b in results:
         assert rel_err(a, expected[j : j + 1].flip(1)) < 1e-8
         assert rel_err(b, expected[j : j + 1]) < 1e-8
-
-
-class TokenModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(50, 4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.emb(x).mean(1)))
 
 
 def test_pydvl_dask_integer_inputs_pitfall_and_fix(tmp_path):

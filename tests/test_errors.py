@@ -4,9 +4,8 @@ import pytest
 import torch
 from pydvl.influence.types import InfluenceMode
 from pydvl.utils.exceptions import NotFittedException
-from torch.utils.data import DataLoader, TensorDataset
 
-from models import make_case
+from models import loader, make_case
 from pydvl_datainf import (
     DataInfInfluence,
     EmptyDataError,
@@ -15,10 +14,6 @@ from pydvl_datainf import (
     RegularizationError,
     StaleModelError,
 )
-
-
-def loader(x, y, bs=7):
-    return DataLoader(TensorDataset(x, y), batch_size=bs)
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from models import LoRAMLP, make_case
+from models import LoRAMLP, loader, make_case
 from pydvl_datainf import DataInfInfluence, MemoryGradientStore
 from pydvl_datainf.factored import (
     FactoredGrads,
@@ -24,10 +23,6 @@ from pydvl_datainf.factored import (
 from pydvl_datainf.hooks import HookGradientEngine
 from pydvl_datainf.stores import AutoGradientStore, ZarrGradientStore
 from reference import DenseDataInf, per_sample_grads, rel_err
-
-
-def loader(x, y, batch_size=7):
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
 def outer_rows(u, a):

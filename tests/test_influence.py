@@ -7,18 +7,13 @@ from collections import OrderedDict
 import pytest
 import torch
 from pydvl.influence.types import InfluenceMode
-from torch.utils.data import DataLoader, TensorDataset
 
-from models import make_case
+from models import loader, make_case
 from pydvl_datainf import DataInfInfluence
 from reference import DenseDataInf, rel_err
 
 TOL = 1e-8
 CASES = ["mlp", "conv", "lora", "regression"]
-
-
-def loader(x, y, batch_size=7, shuffle=False):
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
 
 
 def fitted(case, batch_size=7, **kwargs):

@@ -12,11 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import pydvl_datainf.matrix as matrix_module
-from models import make_case
+from models import TokenModel, fit_zarr, loader, make_case
 from pydvl_datainf import (
     DataInfInfluence,
     StoreExistsError,
@@ -32,22 +30,11 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 N, M = 30, 9
 
 
-def loader(x, y, bs=7):
-    return DataLoader(TensorDataset(x, y), batch_size=bs)
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     model, loss, x, y, xt, yt = make_case("lora", n=N, m=M)
     path = tmp_path_factory.mktemp("store") / "g.zarr"
-    infl = DataInfInfluence(
-        model,
-        loss,
-        progress=False,
-        store="zarr",
-        store_path=path,
-        store_options={"chunk_rows": 8},
-    ).fit(loader(x, y))
+    infl = fit_zarr(model, loss, x, y, path, chunk_rows=8)
     ref = DenseDataInf(model, loss, x, y, infl.blocks.to_dict())
     return infl, ref, x, y, xt, yt, path
 
@@ -205,7 +192,7 @@ CHILD = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     import zarr
-    from models import make_case
+    from models import TokenModel, fit_zarr, loader, make_case
     import pydvl_datainf.matrix as M
     from pydvl_datainf import DataInfInfluence, influence_matrix
 
@@ -323,16 +310,6 @@ def test_kill_9_from_outside_then_resume(case, tmp_path):
     res = influence_matrix(infl, (xt, yt), out, resume=True, progress=False)
     assert res.tiles_computed == full.tiles - done and res.tiles_skipped == done
     assert torch.equal(res.load(), full.load())
-
-
-class TokenModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(50, 4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.emb(x).mean(1)))
 
 
 def test_integer_token_inputs_give_float_results(tmp_path):

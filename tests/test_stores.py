@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from torch.utils.data import DataLoader, TensorDataset
 
-from models import make_case
+from models import fit_zarr, loader, make_case
 from pydvl_datainf import (
     AutoGradientStore,
     DataInfInfluence,
@@ -24,10 +23,6 @@ from pydvl_datainf import (
 from reference import DenseDataInf, rel_err
 
 KINDS = ["memory", "zarr", "recompute", "auto-memory", "auto-spill"]
-
-
-def loader(x, y, bs=7):
-    return DataLoader(TensorDataset(x, y), batch_size=bs)
 
 
 def make(kind, model, loss, tmp_path, **kw):
@@ -95,14 +90,7 @@ def test_stores_equal_memory_float32(kind, tmp_path):
 
 def test_zarr_layout_and_metadata(lora64, tmp_path):
     model, loss, x, y, *_ = lora64
-    infl = DataInfInfluence(
-        model,
-        loss,
-        progress=False,
-        store="zarr",
-        store_path=tmp_path / "g.zarr",
-        store_options={"chunk_rows": 4},
-    ).fit(loader(x, y))
+    infl = fit_zarr(model, loss, x, y, tmp_path / "g.zarr", chunk_rows=4)
     group = zarr.open_group(str(tmp_path / "g.zarr"), mode="r")
     attrs = dict(group.attrs)
     assert attrs["format"] == "pydvl_datainf.gradient_store"
