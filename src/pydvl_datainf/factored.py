@@ -43,6 +43,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import formula
+
 __all__ = [
     "FactoredGrads",
     "RowParts",
@@ -176,7 +178,7 @@ def squared_norms(rows: Rows) -> torch.Tensor:
     r"""Row-wise $\lVert g_i\rVert^2$ of dense or factored rows."""
     if isinstance(rows, FactoredGrads):
         return rows.squared_norms()
-    return torch.linalg.vector_norm(rows, dim=1).square()
+    return formula.squared_norms(rows)
 
 
 def rows_nbytes(rows: Union[Rows, RowParts]) -> int:
