@@ -192,3 +192,15 @@ def test_perturbation_needs_float_inputs():
     assert infl.influences(x, y, x, y).dtype == torch.float32
     with pytest.raises(TypeError, match="must be floating point"):
         infl.influences(x, y, x, y, mode=InfluenceMode.Perturbation)
+
+
+def test_finite_norms_whose_total_overflows_are_not_an_error():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    x = torch.full((2, 1), 2.6e9)  # per-sample gradient 2x² ≈ 1.4e19
+    y = torch.zeros(2, 1)
+    infl = DataInfInfluence(model, torch.nn.functional.mse_loss, progress=False)
+    _, norms = infl._grads_and_norms(x, y)
+    (s,) = norms.values()
+    assert torch.isfinite(s).all() and not torch.isfinite(s.sum())

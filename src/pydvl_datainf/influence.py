@@ -483,9 +483,13 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                 )
         grads = self.blocks.gather(per_param)
         norms = OrderedDict((k, factored_norms(g)) for k, g in grads.items())
-        # the norms are >= 0: their total is finite iff every one of them is
+        # the norms are >= 0: a finite total (one reduction) means all are
+        # finite; otherwise look closer (the total alone may overflow)
         if not bool(torch.isfinite(torch.cat(list(norms.values())).sum())):
             finite = torch.stack([torch.isfinite(s) for s in norms.values()])
+        else:
+            finite = None
+        if finite is not None and not bool(finite.all()):
             bad_blocks = [k for k, ok in zip(norms, finite.all(dim=1)) if not ok]
             idx = torch.nonzero(~finite.all(dim=0)).flatten().tolist()
             where = (
