@@ -31,3 +31,12 @@ def test_large_buffer_is_usable():
     store.append({"w": g})
     store.finalize()
     assert float(store.data["w"].sum()) == 4096 * 1024
+
+
+def test_nbytes_while_appending_never_merges_the_parts():
+    # AutoGradientStore asks for nbytes at every append: it must stay cheap
+    store = MemoryGradientStore(["w"])
+    for _ in range(3):
+        store.append({"w": torch.randn(4, 5, dtype=torch.float64)})
+        assert store.nbytes == store.n * 5 * 8
+        assert len(store._parts["w"]) == store.n // 4

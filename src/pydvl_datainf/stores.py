@@ -485,7 +485,13 @@ class MemoryGradientStore(GradientStore):
     @property
     def nbytes(self) -> int:
         """Bytes held by the gradients (by the factors, for factored blocks)."""
-        return sum(rows_nbytes(self._block(k)) for k in self._known())
+        return sum(self._block_nbytes(k) for k in self._known())
+
+    def _block_nbytes(self, k: str) -> int:
+        parts = self._parts.get(k)
+        if isinstance(parts, list):  # do not concatenate (`AutoGradientStore`
+            return sum(rows_nbytes(t) for t in parts)  # asks at every append)
+        return rows_nbytes(self._block(k))
 
     def _known(self) -> List[str]:
         return [
