@@ -44,19 +44,7 @@ except ImportError:  # running from a source checkout without installing
     from pydvl_datainf.gradients import FuncGradientEngine, GradientEngine
     from pydvl_datainf.hooks import HookGradientEngine
 
-
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update `B A x`."""
-
-    def __init__(self, n_in: int, n_out: int, rank: int):
-        super().__init__()
-        self.base = nn.Linear(n_in, n_out)
-        self.lora_A = nn.Linear(n_in, rank, bias=False)
-        self.lora_B = nn.Linear(rank, n_out, bias=False)
-        self.base.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(x))
+from common import LoRALinear  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def lora_mlp(rank: int) -> nn.Module:

@@ -51,30 +51,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import machine
+from common import LoRALinear, machine
 from pydvl_datainf import DataInfInfluence, influence_matrix
-
-
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable rank-r adapter."""
-
-    def __init__(self, d_in: int, d_out: int, rank: int):
-        super().__init__()
-        self.base = nn.Linear(d_in, d_out)
-        self.base.requires_grad_(False)
-        self.lora_A = nn.Linear(d_in, rank, bias=False)
-        self.lora_B = nn.Linear(rank, d_out, bias=False)
-        nn.init.normal_(self.lora_B.weight, std=0.05)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(x))
 
 
 class LoRAMLP(nn.Module):
     def __init__(self, d_in: int = 512, hidden: int = 512, classes: int = 10, rank=8):
         super().__init__()
-        self.l1 = LoRALinear(d_in, hidden, rank)
-        self.l2 = LoRALinear(hidden, classes, rank)
+        self.l1 = LoRALinear(d_in, hidden, rank, b_std=0.05)
+        self.l2 = LoRALinear(hidden, classes, rank, b_std=0.05)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.l2(torch.relu(self.l1(x)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -36,6 +36,30 @@ def machine() -> Dict[str, str]:
         "cpu": platform.processor() or platform.machine(),
         "threads": str(torch.get_num_threads()),
     }
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable rank-r update `B A x`.
+
+    Args:
+        n_in: input features.
+        n_out: output features.
+        rank: r.
+        b_std: if given, `B` is drawn from N(0, b_std²) (as after fine-tuning);
+            otherwise `nn.Linear`'s default initialisation.
+    """
+
+    def __init__(self, n_in: int, n_out: int, rank: int, b_std: Optional[float] = None):
+        super().__init__()
+        self.base = nn.Linear(n_in, n_out)
+        self.lora_A = nn.Linear(n_in, rank, bias=False)
+        self.lora_B = nn.Linear(rank, n_out, bias=False)
+        self.base.requires_grad_(False)
+        if b_std is not None:
+            nn.init.normal_(self.lora_B.weight, std=b_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(x))
 
 
 def plain_epoch(model: nn.Module, loss, loader) -> None:

@@ -99,6 +99,12 @@ class FactoredGrads:
         return self.left.shape[1] * self.right.shape[1]
 
     @property
+    def layout(self) -> Tuple[int, ...]:
+        """The widths of the parts, `(p, q)` or `(p, q, r)`: batches of one
+        block with the same layout can share a buffer."""
+        return tuple(t.shape[1] for t in self.parts())
+
+    @property
     def shape(self) -> Tuple[int, int]:
         """The dense shape $(n, p q + r)$."""
         r = 0 if self.tail is None else self.tail.shape[1]
@@ -259,10 +265,7 @@ class RowParts:
 
     def fits(self, g: FactoredGrads) -> bool:
         """Whether `g` has the layout of the rows kept so far."""
-        if not self.parts:
-            return True
-        first = self.parts[0]
-        return [t.shape[1] for t in g.parts()] == [t.shape[1] for t in first.parts()]
+        return not self.parts or g.layout == self.parts[0].layout
 
     def append(
         self,

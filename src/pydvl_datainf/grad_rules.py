@@ -166,6 +166,24 @@ _FACTOR_RULES: Dict[type, FactorRule] = {}
 _R = TypeVar("_R", bound=GradRule)
 
 
+_T = TypeVar("_T")
+
+
+def _registrar(
+    registry: Dict[type, Any], module_types: Sequence[type], what: str
+) -> Callable[[_T], _T]:
+    """A decorator that files its argument in `registry` under `module_types`."""
+    if not module_types:
+        raise TypeError(f"{what} needs at least one module type")
+
+    def decorator(rule: _T) -> _T:
+        for t in module_types:
+            registry[t] = rule
+        return rule
+
+    return decorator
+
+
 def register_rule(*module_types: Type[nn.Module]) -> Callable[[_R], _R]:
     """Decorator registering a rule for one or more module types.
 
@@ -174,15 +192,7 @@ def register_rule(*module_types: Type[nn.Module]) -> Callable[[_R], _R]:
     Args:
         module_types: the module classes the rule applies to.
     """
-    if not module_types:
-        raise TypeError("register_rule needs at least one module type")
-
-    def decorator(rule: _R) -> _R:
-        for t in module_types:
-            _RULES[t] = rule
-        return rule
-
-    return decorator
+    return _registrar(_RULES, module_types, "register_rule")
 
 
 def unregister_rule(module_type: Type[nn.Module]) -> None:
@@ -221,15 +231,7 @@ def register_factor_rule(
     a (dense) rule as well, which computes its other parameters and every call
     that the factor rule declines.
     """
-    if not module_types:
-        raise TypeError("register_factor_rule needs at least one module type")
-
-    def decorator(rule: FactorRule) -> FactorRule:
-        for t in module_types:
-            _FACTOR_RULES[t] = rule
-        return rule
-
-    return decorator
+    return _registrar(_FACTOR_RULES, module_types, "register_factor_rule")
 
 
 def get_factor_rule(module_type: type) -> Optional[FactorRule]:

@@ -535,8 +535,10 @@ class MemoryGradientStore(GradientStore):
                 self._parts[k] = RowParts() if factored else []
         buf = self._buffers.get(k)
         if buf is not None:
-            same_kind = isinstance(buf, FactoredGrads) == factored and (
-                not factored or buf.shape[1] == g.shape[1]
+            same_kind = (
+                buf.layout == g.layout
+                if isinstance(buf, FactoredGrads) and isinstance(g, FactoredGrads)
+                else isinstance(buf, FactoredGrads) == factored
             )
             if same_kind and self._n + rows <= len(buf):
                 if isinstance(buf, FactoredGrads):
