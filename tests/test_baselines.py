@@ -9,8 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models import make_case
 from pydvl_datainf import DataInfInfluence
-from pydvl_datainf import baselines as B
-from reference import dense_exact_inverse, per_sample_grads, rel_err
+from pydvl_datainf.experiments import baselines as B
+from pydvl_datainf.experiments.pipelines import block_regularization
+from reference import dense_exact_inverse, dense_R, per_sample_grads, rel_err
 
 TOL = 1e-8
 
@@ -73,9 +74,66 @@ def test_datainf_from_gradients_equals_model():
     g_test = infl.per_sample_gradients(xt, yt)
     got = B.datainf_influences(g_test, g_train, infl.block_regularization)
     assert rel_err(got, infl.train_influences(xt, yt)) < TOL
-    assert B.auto_regularization(g_train) == pytest.approx(
+    assert block_regularization(g_train, "auto", 0.1) == pytest.approx(
         dict(infl.block_regularization), rel=1e-12
     )
+
+
+def test_datainf_from_gradients_matches_dense_reference():
+    gen = torch.Generator().manual_seed(3)
+    g = OrderedDict(
+        a=torch.randn(9, 4, generator=gen, dtype=torch.float64),
+        b=3.0 * torch.randn(9, 6, generator=gen, dtype=torch.float64),
+    )
+    t = OrderedDict(
+        (k, torch.randn(3, v.shape[1], generator=gen, dtype=torch.float64))
+        for k, v in g.items()
+    )
+    other = OrderedDict(
+        (k, torch.randn(5, v.shape[1], generator=gen, dtype=torch.float64))
+        for k, v in g.items()
+    )
+    lam = {"a": 0.2, "b": 1.7}
+    want = sum(t[k] @ dense_R(g[k], lam[k]) @ g[k].T for k in g)
+    assert rel_err(B.datainf_influences(t, g, lam), want) < TOL
+    want_other = sum(t[k] @ dense_R(g[k], lam[k]) @ other[k].T for k in g)
+    assert rel_err(B.datainf_influences(t, g, lam, other), want_other) < TOL
+    self_want = torch.stack(
+        [sum(g[k][i] @ dense_R(g[k], lam[k]) @ g[k][i] for k in g) for i in range(9)]
+    )
+    got = torch.as_tensor(B.datainf_self_influences(g, lam))
+    assert rel_err(got, self_want) < TOL
+
+
+def test_block_regularization_rules():
+    g = OrderedDict(
+        a=torch.ones(4, 2, dtype=torch.float64),
+        b=2 * torch.ones(4, 6, dtype=torch.float64),
+    )
+    # auto: 0.1 * mean_i |g_i|^2 / d = 0.1 * 1 (a), 0.1 * 4 (b)
+    assert block_regularization(g, "auto", 0.1) == pytest.approx({"a": 0.1, "b": 0.4})
+    # global: 0.1 * (4*2*1 + 4*6*4) / 4 / 8 = 0.1 * 26 / 8
+    assert block_regularization(g, "global", 0.1) == pytest.approx(
+        {"a": 0.325, "b": 0.325}
+    )
+    assert block_regularization(g, 0.5) == {"a": 0.5, "b": 0.5}
+    with pytest.raises(ValueError, match="positive"):
+        block_regularization(g, -1.0)
+
+
+def test_point_baselines_against_hand_computation():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1])
+    p = torch.softmax(logits, 1)
+    want_loss = -torch.log(p[torch.arange(3), y])
+    assert np.allclose(B.per_sample_losses(logits, y), want_loss.numpy(), rtol=1e-12)
+    onehot = torch.eye(2, dtype=torch.float64)[y]
+    want_el2n = ((p - onehot) ** 2).sum(1).sqrt()
+    assert np.allclose(B.el2n_scores(logits, y), want_el2n.numpy(), rtol=1e-12)
+    g = OrderedDict(
+        a=torch.tensor([[3.0], [0.0]]), b=torch.tensor([[0.0, 4.0], [1.0, 0.0]])
+    )
+    assert np.allclose(B.gradient_norms(g), [5.0, 1.0])
 
 
 def test_hessian_free_is_plain_dot_products():

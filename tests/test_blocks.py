@@ -1,3 +1,4 @@
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -96,7 +97,7 @@ def test_peft_lora_and_modules_to_save_blocks():
     model = get_peft_model(
         base, LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"])
     )
-    b = build_blocks(model)
+    b = build_blocks(model, include_head=True)
     assert b.names == [
         "base_model.model.0.lora_A.default",
         "base_model.model.0.lora_B.default",
@@ -106,6 +107,97 @@ def test_peft_lora_and_modules_to_save_blocks():
         "base_model.model.2.modules_to_save.default.weight",
         "base_model.model.2.modules_to_save.default.bias",
     )
-    grouped = build_blocks(model, "lora")
+    grouped = build_blocks(model, "lora", include_head=True)
     assert grouped.names == ["base_model.model.0", "base_model.model.2"]
     assert grouped["base_model.model.0"].size == 2 * 4 + 5 * 2
+
+
+def _peft_with_head():
+    from peft import LoraConfig, get_peft_model
+
+    base = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    return get_peft_model(
+        base, LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"])
+    )
+
+
+HEAD = [
+    "base_model.model.2.modules_to_save.default.weight",
+    "base_model.model.2.modules_to_save.default.bias",
+]
+
+
+def test_head_parameters_of_peft_model_and_plain_model():
+    from pydvl_datainf.blocks import head_parameters
+
+    assert head_parameters(_peft_with_head()) == HEAD
+    assert head_parameters(mlp()) == []  # no LoRA: no head in this sense
+    assert head_parameters(LoRAMLP()) == []  # LoRA only
+
+
+@pytest.mark.parametrize("spec", ["module", "lora", "parameter"])
+def test_head_is_kept_with_a_warning_naming_it_by_default(spec):
+    from pydvl_datainf.blocks import HeadBlocksWarning
+
+    model = _peft_with_head()
+    with pytest.warns(HeadBlocksWarning, match="modules_to_save.default.weight"):
+        default = build_blocks(model, spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = build_blocks(model, spec, include_head=True)
+    assert default == kept
+    assert set(HEAD) <= set(kept.parameter_names())
+
+
+@pytest.mark.parametrize(
+    "spec, names",
+    [
+        (
+            "module",
+            ["base_model.model.0.lora_A.default", "base_model.model.0.lora_B.default"],
+        ),
+        ("lora", ["base_model.model.0"]),
+        (
+            "parameter",
+            [
+                "base_model.model.0.lora_A.default.weight",
+                "base_model.model.0.lora_B.default.weight",
+            ],
+        ),
+    ],
+)
+def test_include_head_false_gives_lora_only_blocks_silently(spec, names):
+    model = _peft_with_head()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = build_blocks(model, spec, include_head=False)
+    assert b.names == names
+    assert not set(HEAD) & set(b.parameter_names())
+    assert b.n_parameters == 2 * 4 + 5 * 2
+
+
+def test_no_warning_without_head():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_blocks(LoRAMLP())
+        build_blocks(mlp())
+
+
+def test_include_head_errors():
+    with pytest.raises(BlockStructureError, match="no trainable lora_A/lora_B"):
+        build_blocks(mlp(), include_head=False)
+    with pytest.raises(BlockStructureError, match="string specs"):
+        build_blocks(_peft_with_head(), BlockMode.FULL, include_head=False)
+    with pytest.raises(BlockStructureError, match="string specs"):
+        build_blocks(mlp(), {"a": ["0.weight"]}, include_head=True)
+
+
+def test_lora_only_mapping_feeds_datainf_influence():
+    from pydvl_datainf import DataInfInfluence
+
+    model = _peft_with_head()
+    spec = build_blocks(model, "lora", include_head=False).to_dict()
+    infl = DataInfInfluence(
+        model, torch.nn.functional.cross_entropy, block_structure=spec
+    )
+    assert infl.blocks.names == ["base_model.model.0"]

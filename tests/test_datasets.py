@@ -5,12 +5,13 @@ import re
 import numpy as np
 import pytest
 
-from pydvl_datainf.datasets import (
+from pydvl_datainf.experiments.datasets import (
     TextDataset,
     flip_labels,
     load_bbc_news,
     load_sms_spam,
     load_text_dataset,
+    read_csv,
     split,
     templated_tasks,
 )
@@ -132,3 +133,80 @@ def test_subset_keeps_groups():
     sub = data.subset([3, 1])
     assert sub.texts == [data.texts[3], data.texts[1]]
     assert sub.groups.tolist() == [data.groups[3], data.groups[1]]
+
+
+# ----------------------------------------------------------- the user's data
+def test_string_labels_map_to_ids_in_sorted_or_given_order():
+    data = TextDataset(["a", "b", "c"], ["spam", "ham", "spam"])
+    assert data.class_names == ["ham", "spam"]
+    assert data.labels.tolist() == [1, 0, 1]
+    given = TextDataset(["a", "b"], ["spam", "ham"], ["spam", "ham"])
+    assert given.labels.tolist() == [0, 1]
+    ints = TextDataset(["a", "b", "c"], np.array([2, 0, 1]))
+    assert ints.class_names == ["0", "1", "2"] and ints.labels.tolist() == [2, 0, 1]
+    assert TextDataset(["a"], [1.0], ["x", "y"]).labels.tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    "labels,names,message",
+    [
+        ([0, 2], ["x", "y"], r"labels \[2\] \(rows \[1\]\) are outside 0..1"),
+        ([-1, 0], ["x", "y"], r"labels \[-1\] \(rows \[0\]\) are outside"),
+        (["x", "z"], ["x", "y"], r"labels \['z'\] \(rows \[1\]\) are not among"),
+        ([0, None], [], r"rows \[1\] have no label"),
+        ([0, float("nan")], [], r"rows \[1\] have no label"),
+        ([0, 1.5], [], r"must be integers or strings; rows \[1\] hold 1.5"),
+        ([0, "a"], [], r"mix strings \(row 1\) and int \(row 0\)"),
+        ([True, False], [], r"must be integers or strings; rows \[0, 1\]"),
+        ([0, 1], ["x", "x"], r"class_names has duplicates"),
+    ],
+)
+def test_bad_labels_are_rejected_with_the_rows_named(labels, names, message):
+    with pytest.raises(ValueError, match=message):
+        TextDataset(["p", "q"], labels, names)
+
+
+def test_bad_texts_are_rejected():
+    with pytest.raises(TypeError, match="not one string"):
+        TextDataset("abc", [0, 1, 0])
+    with pytest.raises(TypeError, match=r"rows \[1\]"):
+        TextDataset(["a", 3], [0, 1])
+    with pytest.raises(ValueError, match="2 texts but 3 labels"):
+        TextDataset(["a", "b"], [0, 1, 0])
+
+
+def test_row_ids_follow_subsets_and_splits(sms):
+    sub = sms.subset([10, 4, 7]).subset([2, 0])
+    assert sub.row_ids.tolist() == [7, 10]
+    train, test = split(sms, 50, 20, seed=0)
+    assert [sms.texts[r] for r in train.row_ids] == train.texts
+    assert set(train.row_ids).isdisjoint(test.row_ids)
+
+
+def test_read_csv(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text(
+        'text,label,other\n"hello, world",pos,1\nbad day,neg,0\nfine,pos,0\n',
+        encoding="utf-8",
+    )
+    data = read_csv(path, "text", "label")
+    assert data.texts == ["hello, world", "bad day", "fine"]
+    assert data.class_names == ["neg", "pos"] and data.labels.tolist() == [1, 0, 1]
+    assert data.name == "mine" and data.row_ids.tolist() == [0, 1, 2]
+    ints = read_csv(path, "text", "other")
+    assert ints.labels.tolist() == [1, 0, 0] and ints.class_names == ["0", "1"]
+    with pytest.raises(ValueError, match=r"no column 'txt'; its columns are \['text'"):
+        read_csv(path, "txt", "label")
+    with pytest.raises(FileNotFoundError, match="No CSV file"):
+        read_csv(tmp_path / "absent.csv", "text", "label")
+    (tmp_path / "blank.csv").write_text("text,label\na,x\nb,\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data rows \[1\] have no label"):
+        read_csv(tmp_path / "blank.csv", "text", "label")
+    (tmp_path / "range.csv").write_text("text,label\na,0\nb,3\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="outside 0..1"):
+        read_csv(tmp_path / "range.csv", "text", "label", class_names=["x", "y"])
+
+
+def test_flip_labels_rejects_out_of_range_labels():
+    with pytest.raises(ValueError, match="must lie in 0..1"):
+        flip_labels(np.array([0, 2]), 0.5, 2)

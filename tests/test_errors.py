@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from pydvl.influence.types import InfluenceMode
+from pydvl.influence.types import InfluenceMode, UnsupportedInfluenceModeException
 from pydvl.utils.exceptions import NotFittedException
 
 from models import loader, make_case
@@ -14,6 +14,7 @@ from pydvl_datainf import (
     RegularizationError,
     StaleModelError,
 )
+from pydvl_datainf.fit import GradientFunction
 
 
 @pytest.fixture
@@ -100,8 +101,16 @@ def test_loader_must_yield_pairs():
 
 def test_unsupported_mode(fitted):
     infl, x, y, xt, yt = fitted
-    with pytest.raises(ValueError, match="Unsupported influence mode 'sideways'"):
-        infl.influences(xt, yt, x, y, mode="sideways")
+    f = infl.influence_factors(xt, yt)
+    calls = [
+        lambda: infl.influences(xt, yt, x, y, mode="sideways"),
+        lambda: infl.influences_by_block(xt, yt, x, y, mode="sideways"),
+        lambda: infl.influences_from_factors(f, x, y, mode="sideways"),
+        lambda: infl.influences_from_factors_by_block(f, x, y, mode="sideways"),
+    ]
+    for call in calls:  # pyDVL's exception, a ValueError
+        with pytest.raises(UnsupportedInfluenceModeException, match="sideways"):
+            call()
     assert torch.equal(
         infl.influences(xt, yt, x, y, mode="up"), infl.influences(xt, yt, x, y)
     )
@@ -201,6 +210,8 @@ def test_finite_norms_whose_total_overflows_are_not_an_error():
     x = torch.full((2, 1), 2.6e9)  # per-sample gradient 2x² ≈ 1.4e19
     y = torch.zeros(2, 1)
     infl = DataInfInfluence(model, torch.nn.functional.mse_loss, progress=False)
-    _, norms = infl._grads_and_norms(x, y)
+    _, norms = GradientFunction(model, infl.loss, infl.engine, infl.blocks).with_norms(
+        x, y
+    )
     (s,) = norms.values()
     assert torch.isfinite(s).all() and not torch.isfinite(s.sum())

@@ -36,3 +36,19 @@ def test_half_precision_accumulates_in_float32():
 def test_unknown_engine_lists_known_ones():
     with pytest.raises(ValueError, match="Unknown gradient engine 'nope'.*func"):
         get_engine("nope")
+
+
+def test_auto_is_the_documented_default_without_import_side_effects():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pydvl_datainf.gradients.registry import DEFAULT_ENGINE, get_engine\n"
+        "assert 'pydvl_datainf.hooks' not in sys.modules\n"
+        "print(DEFAULT_ENGINE, type(get_engine('auto')).__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["hooks", "HookGradientEngine"]

@@ -10,8 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pydvl_datainf.grad_rules import get_rule, linear_rule, register_rule
-from pydvl_datainf.gradients import LoopGradientEngine, get_engine
+from pydvl_datainf.gradients import (
+    GradientFallbackWarning,
+    HookGradientEngine,
+    LoopGradientEngine,
+    get_engine,
+)
+from pydvl_datainf.gradients.losses import closed_form_losses, per_sample_losses
+from pydvl_datainf.gradients.rules import get_rule, linear_rule, register_rule
 from pydvl_datainf.hf import (
     CausalLMWrapper,
     SequenceClassifierWrapper,
@@ -19,11 +25,6 @@ from pydvl_datainf.hf import (
     causal_lm_loss,
     pack_inputs,
     unpack_inputs,
-)
-from pydvl_datainf.hooks import (
-    HookGradientEngine,
-    _closed_form_losses,
-    per_sample_losses,
 )
 
 RTOL, ATOL = 1e-10, 1e-12
@@ -195,7 +196,7 @@ def test_mixed_model_with_frozen_layers() -> None:
     params = trainable(model)
     assert not any(k.startswith(("conv.", "frozen.")) for k in params)
 
-    plan = HookGradientEngine.plan(model, params)
+    plan = HookGradientEngine().plan(model, params)
     assert sorted(plan.hooked_names) == ["emb", "head", "norm"]
     assert plan.fallback == {}
 
@@ -232,7 +233,7 @@ def test_shared_module_and_tied_weights() -> None:
     model = Shared().eval()
     params = trainable(model)
     assert set(params) == {"emb.weight", "block.weight", "block.bias"}
-    plan = HookGradientEngine.plan(model, params)
+    plan = HookGradientEngine().plan(model, params)
     assert sorted(plan.hooked_names) == ["block", "emb", "out"]
     x = torch.randint(0, 9, (4, 3))
     y = torch.randint(0, 9, (4, 3))
@@ -271,17 +272,29 @@ def test_modules_without_rule_use_fallback() -> None:
     model = nn.Sequential(nn.Linear(4, 6), Scale(6), nn.Tanh(), LinearWithGain(6, 3))
     model.eval()
     params = trainable(model)
-    plan = HookGradientEngine.plan(model, params)
-    # the linear rule is not inherited by a subclass that overrides forward
-    assert set(plan.fallback) == {"1.scale", "3.gain", "3.weight", "3.bias"}
-    assert "Scale" in plan.fallback["1.scale"]
-    assert plan.hooked_names == ["0"]
+    plan = HookGradientEngine().plan(model, params)
+    # the linear rule is not inherited by a subclass that overrides forward:
+    # Scale and LinearWithGain use the module-local fallback
+    assert plan.fallback == {}
+    assert sorted(h.name for h in plan.local) == ["1", "3"]
+    text = str(plan)
+    assert "3.gain" in text and "LinearWithGain" in text and "module-local" in text
+    whole = HookGradientEngine(local=False).plan(model, params)
+    assert set(whole.fallback) == {"1.scale", "3.gain", "3.weight", "3.bias"}
+    assert "Scale" in whole.fallback["1.scale"]
+    assert whole.hooked_names == ["0"]
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    check_against_loop(model, ce, x, y)
-    check_against_loop(model, ce, x, y, engine=HookGradientEngine(fallback="loop"))
+    with pytest.warns(GradientFallbackWarning, match=r"1 \(Scale\).*3 \(LinearWith"):
+        check_against_loop(model, ce, x, y)
+    check_against_loop(model, ce, x, y, engine=HookGradientEngine(local=False))
+    check_against_loop(
+        model, ce, x, y, engine=HookGradientEngine(fallback="loop", local=False)
+    )
 
     with pytest.raises(ValueError, match=r"1\.scale.*Scale"):
-        HookGradientEngine(fallback=None).per_sample_grads(model, ce, x, y, params)
+        HookGradientEngine(fallback=None, local=False).per_sample_grads(
+            model, ce, x, y, params
+        )
 
 
 class Branchy(nn.Module):
@@ -303,11 +316,15 @@ def test_failing_fallback_names_parameters() -> None:
     model = Branchy().eval()
     x, y = torch.randn(4, 3), torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"scale\.scale.*Scale"):
-        HookGradientEngine(fallback="func").per_sample_grads(
+        HookGradientEngine(fallback="func", local=False).per_sample_grads(
             model, F.mse_loss, x, y, trainable(model)
         )
     # the default fallback goes on to the autograd loop where torch.func fails
-    check_against_loop(model, F.mse_loss, x, y, engine=HookGradientEngine())
+    check_against_loop(model, F.mse_loss, x, y, engine=HookGradientEngine(local=False))
+    # the module-local fallback re-runs only Scale: the branch does not matter
+    check_against_loop(
+        model, F.mse_loss, x, y, engine=HookGradientEngine(fallback=None)
+    )
     # the rules do not care about control flow
     check_against_loop(model, F.mse_loss, x, y, {"lin.weight": model.lin.weight})
 
@@ -393,7 +410,7 @@ def test_custom_rule_registration() -> None:
 
     model = nn.Sequential(Diag(), nn.Tanh(), nn.Linear(3, 2)).eval()
     params = trainable(model)
-    assert HookGradientEngine.plan(model, params).fallback == {}
+    assert HookGradientEngine().plan(model, params).fallback == {}
     check_against_loop(model, F.mse_loss, torch.randn(4, 5, 3), torch.randn(4, 5, 2))
 
 
@@ -543,7 +560,7 @@ def test_lora_bert_with_padding() -> None:
     model = tiny_bert()
     params = trainable(model)
     assert params and all("lora_" in k for k in params)
-    plan = HookGradientEngine.plan(model, params)
+    plan = HookGradientEngine().plan(model, params)
     assert plan.fallback == {} and len(plan.hooked) == len(params)
 
     ids, mask = padded_batch([9, 5, 7, 3, 9], 9)
@@ -621,7 +638,7 @@ def test_full_bert_all_parameters() -> None:
     with ids of shape (1, L) and broadcast over the batch, layer norms, linear."""
     model = tiny_bert(lora=False)
     params = trainable(model)
-    assert HookGradientEngine.plan(model, params).fallback == {}
+    assert HookGradientEngine().plan(model, params).fallback == {}
     ids, mask = padded_batch([6, 4, 2, 6], 6)
     x, y = pack_inputs(ids, mask), torch.randint(0, 3, (4,))
     check_against_loop(model, ce, x, y)
@@ -741,7 +758,7 @@ def test_closed_form_losses_equal_batches_of_one(loss, out_shape, make_y) -> Non
         out = torch.log_softmax(out, dim=1)
     y = make_y()
     expected = torch.stack([loss(out[i : i + 1], y[i : i + 1]) for i in range(7)])
-    assert _closed_form_losses(loss, out, y) is not None
+    assert closed_form_losses(loss, out, y) is not None
     got = per_sample_losses(loss, out, y)
     assert torch.allclose(got, expected, rtol=1e-14, atol=0)
 
@@ -749,9 +766,9 @@ def test_closed_form_losses_equal_batches_of_one(loss, out_shape, make_y) -> Non
 def test_closed_form_losses_decline_what_they_cannot_reproduce() -> None:
     out = torch.randn(4, 3, dtype=torch.float64)
     ignored = torch.tensor([0, -100, 2, 1])  # a batch of one with it is NaN
-    assert _closed_form_losses(F.cross_entropy, out, ignored) is None
+    assert closed_form_losses(F.cross_entropy, out, ignored) is None
     got = per_sample_losses(F.cross_entropy, out, ignored)
     assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2, 3]]).all()
     broadcast = torch.randn(4, dtype=torch.float64)  # (4, 3) against (4,)
-    assert _closed_form_losses(F.mse_loss, out[:, :1], broadcast) is None
-    assert _closed_form_losses(_sum_ce, out, torch.tensor([0, 1, 2, 1])) is None
+    assert closed_form_losses(F.mse_loss, out[:, :1], broadcast) is None
+    assert closed_form_losses(_sum_ce, out, torch.tensor([0, 1, 2, 1])) is None

@@ -226,16 +226,40 @@ def test_shuffled_loader_still_exact_for_explicit_queries(caplog):
     assert rel_err(infl.influences(xt, yt, x, y), ref.influences(xt, yt, x, y)) < TOL
 
 
+class _ModeSpy(torch.nn.Module):
+    """Dropout that records the mode of every forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(0.5)
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.dropout(x)
+
+
 def test_model_mode_restored_and_eval_used():
     model, loss, x, y, xt, yt = make_case("mlp")
-    model = torch.nn.Sequential(model, torch.nn.Dropout(0.5)).double()
+    spy = _ModeSpy()
+    model = torch.nn.Sequential(model, spy).double()
     model.train()
-    infl = DataInfInfluence(model, loss, progress=False).fit(loader(x, y))
-    assert model.training
-    a = infl.influences(xt, yt, x, y)
-    b = infl.influences(xt, yt, x, y)
-    assert torch.equal(a, b)  # dropout off during gradient computation
-    assert model.training
+    # no factor cache, and a training side not seen in fit: every query runs
+    # forward passes for both sides
+    infl = DataInfInfluence(model, loss, progress=False, test_factor_cache=0)
+    infl.fit(loader(x, y))
+    assert model.training and spy.modes and not any(spy.modes)
+    ref = DenseDataInf(model, loss, x, y, infl.blocks.to_dict())  # eval mode
+    for _ in range(2):
+        spy.modes.clear()
+        got = infl.influences(xt, yt, xt[:3], yt[:3])
+        assert len(spy.modes) >= 2 and not any(spy.modes)  # ran, in eval mode
+        assert model.training  # restored
+        # with dropout active the values would be random, not the reference's
+        assert rel_err(got, ref.influences(xt, yt, xt[:3], yt[:3])) < TOL
+    spy.modes.clear()
+    infl.train_influences(xt, yt)
+    assert spy.modes and not any(spy.modes) and model.training
 
 
 def test_n_parameters_before_fit_and_state():
@@ -275,10 +299,31 @@ def test_concurrent_queries_from_threads_are_exact():
         assert rel_err(out[i], expected[i].flip(1)) < 1e-12
 
 
-def test_to_device_cpu_keeps_results():
+def test_to_moves_model_store_and_norms_and_drops_cached_factors():
     infl, (model, loss, x, y, xt, yt) = fitted("mlp")
     a = infl.influences(xt, yt, x, y)
+    clone = pickle.loads(pickle.dumps(infl))
+    generation = clone.generation
+    clone.influences(xt, yt, x, y)
+    assert len(clone._factor_cache) == 1
+    clone.to("meta")  # a device with no data: everything must have moved
+    assert clone.generation > generation and len(clone._factor_cache) == 0
+    assert all(p.device.type == "meta" for p in clone.model.parameters())
+    assert all(s.device.type == "meta" for s in clone.squared_norms.values())
+    assert all(g.device.type == "meta" for g in clone.store.read(0, 3).values())
+    # the original is untouched, and a move to its own device keeps results
+    assert infl.store.read(0, 1)["0"].device.type == "cpu"
     assert torch.equal(infl.to("cpu").influences(xt, yt, x, y), a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_cuda_and_back_keeps_results():
+    infl, (model, loss, x, y, xt, yt) = fitted("conv")
+    a = infl.influences(xt, yt, x, y)
+    on_gpu = infl.to("cuda").influences(xt, yt, x, y)
+    assert on_gpu.device.type == "cuda"
+    assert rel_err(on_gpu.cpu(), a) < 1e-10
+    assert torch.equal(infl.to("cpu").influences(xt, yt, x, y).cpu(), a)
 
 
 def test_ordered_dict_block_structure_end_to_end():

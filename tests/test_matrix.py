@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-import pydvl_datainf.matrix as matrix_module
+import pydvl_datainf.scoring.tiles as matrix_module
 from models import TokenModel, fit_zarr, loader, make_case
 from pydvl_datainf import (
     DataInfInfluence,
@@ -193,7 +193,7 @@ CHILD = textwrap.dedent(
     torch.set_num_threads(1)
     import zarr
     from models import TokenModel, fit_zarr, loader, make_case
-    import pydvl_datainf.matrix as M
+    import pydvl_datainf.scoring.tiles as M
     from pydvl_datainf import DataInfInfluence, influence_matrix
 
     model, loss, x, y, xt, yt = make_case("lora", n={n}, m={m})

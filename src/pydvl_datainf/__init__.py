@@ -11,7 +11,6 @@ for helpful training points; the paper's $\\mathcal{I}_{DataInf}$ is its negativ
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import hooks  # noqa: F401  (registers the "hooks" engine as the default)
 from .blocks import Block, BlockStructure, build_blocks
 from .errors import (
     BlockStructureError,
@@ -26,6 +25,7 @@ from .errors import (
 from .gradients import (
     FuncGradientEngine,
     GradientEngine,
+    HookGradientEngine,
     LoopGradientEngine,
     get_engine,
 )
@@ -58,6 +58,7 @@ __all__ = [
     "build_blocks",
     "GradientEngine",
     "FuncGradientEngine",
+    "HookGradientEngine",
     "LoopGradientEngine",
     "get_engine",
     "GradientStore",

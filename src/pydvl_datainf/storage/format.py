@@ -1,0 +1,465 @@
+r"""Zarr helpers shared by every on-disk output: ownership, existence, integrity.
+
+Everything pydvl-datainf writes to Zarr (gradient stores, influence matrices)
+goes through these functions, so the same guarantees hold for all of them:
+
+- **Ownership.** A group we create carries a format marker of its kind in its
+  attributes (`"format": "pydvl_datainf.gradient_store"` or
+  `"pydvl_datainf.influence_matrix"`). [claim_path][pydvl_datainf.storage.format.claim_path]
+  replaces only a group with the marker of the expected kind, and only when
+  asked to; an empty or absent path is created; anything else (a directory
+  with other files, a Zarr group of someone else, an output of the other
+  kind) is refused with [StoreExistsError][pydvl_datainf.errors.StoreExistsError]
+  and left untouched.
+- **Existence.** [inspect_path][pydvl_datainf.storage.format.inspect_path] tells
+  "nothing there" from "something there" and lets every other error (network,
+  credentials, permissions) propagate: an error is never taken for absence.
+- **Integrity.** Checksummed chunks, a manifest written last, and checked
+  reads: see [integrity][pydvl_datainf.storage.integrity], whose functions
+  this module re-exports.
+
+Example:
+    ```python
+    from pydvl_datainf.storage.format import claim_path, inspect_path
+
+    inspect_path("out.zarr").state  # "absent"
+    group = claim_path("out.zarr", "influence_matrix")
+    inspect_path("out.zarr", kind="influence_matrix").state  # "owned"
+    ```
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from importlib.metadata import PackageNotFoundError, version
+from typing import (
+    Any,
+    Dict,
+    Literal,
+    Mapping,
+    Optional,
+    Tuple,
+    Union,
+)
+
+from ..errors import StoreExistsError
+from .integrity import (  # re-exported: one import for every Zarr helper
+    checksum_codecs,
+    chunk_exists,
+    create_checked_array,
+    missing_chunks,
+    open_checked_array,
+    read_checked,
+    read_manifest,
+    verify_array,
+    write_manifest,
+)
+
+__all__ = [
+    "GRADIENT_STORE",
+    "INFLUENCE_MATRIX",
+    "FORMATS",
+    "PathState",
+    "PathStatus",
+    "ZarrMode",
+    "library_version",
+    "is_url",
+    "open_zarr_group",
+    "inspect_path",
+    "zarr_group_exists",
+    "claim_path",
+    "check_claimable",
+    "remove_owned",
+    "checksum_codecs",
+    "create_checked_array",
+    "write_manifest",
+    "read_manifest",
+    "open_checked_array",
+    "chunk_exists",
+    "missing_chunks",
+    "read_checked",
+    "verify_array",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+ZarrMode = Literal["r", "r+", "a", "w", "w-"]
+Coords = Tuple[int, ...]
+
+GRADIENT_STORE = "gradient_store"
+"""The kind of a [ZarrGradientStore][pydvl_datainf.storage.ZarrGradientStore]."""
+INFLUENCE_MATRIX = "influence_matrix"
+"""The kind of an influence matrix written by `influence_matrix`."""
+FORMATS: Dict[str, str] = {
+    GRADIENT_STORE: "pydvl_datainf.gradient_store",
+    INFLUENCE_MATRIX: "pydvl_datainf.influence_matrix",
+}
+"""The format marker written in the attributes of each kind of output."""
+
+_MARKER_KIND = {v: k for k, v in FORMATS.items()}
+
+
+def library_version() -> str:
+    """The installed version of pydvl-datainf (`"0.0.0"` from a source tree)."""
+    try:
+        return version("pydvl-datainf")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0.0.0"
+
+
+def is_url(path: str) -> bool:
+    """Whether `path` is an fsspec URL (other than `file://`)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in FORMATS:
+        raise ValueError(f"kind must be one of {list(FORMATS)}, got {kind!r}")
+    return kind
+
+
+# ------------------------------------------------------------------ existence
+class PathState(str, Enum):
+    """What [inspect_path][pydvl_datainf.storage.format.inspect_path] found."""
+
+    ABSENT = "absent"
+    """Nothing at the path."""
+    EMPTY = "empty"
+    """An empty directory."""
+    OWNED = "owned"
+    """A group with the format marker of the expected kind."""
+    OTHER_KIND = "other_kind"
+    """A pydvl-datainf group of another kind (or of any kind, if none expected)."""
+    FOREIGN = "foreign"
+    """Something not created by pydvl-datainf: files, a file, another Zarr group."""
+
+
+@dataclass
+class PathStatus:
+    """The result of [inspect_path][pydvl_datainf.storage.format.inspect_path].
+
+    Attributes:
+        state: what is there.
+        kind: the pydvl-datainf kind found (`None` if not ours).
+        is_group: whether a Zarr group is at the path.
+        attrs: the group's attributes (empty if none).
+    """
+
+    state: PathState
+    kind: Optional[str] = None
+    is_group: bool = False
+    attrs: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_free(self) -> bool:
+        """Nothing there, or an empty directory: a new output may be created."""
+        return self.state in (PathState.ABSENT, PathState.EMPTY)
+
+
+def _listing(path: str, storage_options: Optional[Mapping[str, Any]]) -> PathState:
+    """ABSENT, EMPTY or FOREIGN (non-empty) from a directory listing."""
+    if is_url(path):
+        from fsspec.core import url_to_fs
+
+        fs, root = url_to_fs(path, **dict(storage_options or {}))
+        if not fs.exists(root):
+            return PathState.ABSENT
+        if fs.isdir(root) and not fs.ls(root, detail=False):
+            return PathState.EMPTY
+        return PathState.FOREIGN
+    if not os.path.lexists(path):
+        return PathState.ABSENT
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+        return PathState.EMPTY
+    return PathState.FOREIGN
+
+
+def inspect_path(
+    path: PathLike,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    kind: Optional[str] = None,
+) -> PathStatus:
+    """What is at `path`: nothing, an empty directory, our output, or else.
+
+    Errors other than "not found" (permissions, network, credentials)
+    propagate: they are never reported as absence.
+
+    Args:
+        path: a local path, `file://` path or fsspec URL.
+        storage_options: fsspec options for URLs.
+        kind: the expected kind ([GRADIENT_STORE][pydvl_datainf.storage.format.GRADIENT_STORE]
+            or [INFLUENCE_MATRIX][pydvl_datainf.storage.format.INFLUENCE_MATRIX]);
+            `None` reports any pydvl-datainf group as `OTHER_KIND`.
+
+    Returns:
+        A [PathStatus][pydvl_datainf.storage.format.PathStatus].
+
+    Example:
+        ```python
+        status = inspect_path("grads.zarr", kind="gradient_store")
+        if status.state == PathState.OWNED:
+            ...
+        ```
+    """
+    import zarr.errors
+
+    if kind is not None:
+        _check_kind(kind)
+    p = _local(os.fspath(path))
+    listed = _listing(p, storage_options)
+    if listed != PathState.FOREIGN:
+        return PathStatus(listed)
+    try:
+        group = open_zarr_group(p, "r", storage_options)
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+        return PathStatus(PathState.FOREIGN)  # files, but no group
+    except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError):
+        return PathStatus(PathState.FOREIGN)  # an array, not a group
+    attrs = dict(group.attrs)
+    found = _MARKER_KIND.get(str(attrs.get("format")))
+    if found is None:
+        state = PathState.FOREIGN
+    elif kind is not None and found == kind:
+        state = PathState.OWNED
+    else:
+        state = PathState.OTHER_KIND
+    return PathStatus(state, found, True, attrs)
+
+
+def zarr_group_exists(
+    path: PathLike, storage_options: Optional[Mapping[str, Any]] = None
+) -> bool:
+    """Whether a Zarr group (of any content) exists at `path`.
+
+    Only "not found" gives `False`; any other error propagates.
+    """
+    return inspect_path(path, storage_options).is_group
+
+
+def open_zarr_group(
+    path: PathLike,
+    mode: ZarrMode,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    *,
+    kind: Optional[str] = None,
+    attributes: Optional[Mapping[str, Any]] = None,
+) -> Any:
+    """Open a Zarr group at a local path or any fsspec URL (`s3://`, `gs://`, ...).
+
+    Mode `"w"` deletes what is at the path, so it is only allowed where
+    nothing is, or where a pydvl-datainf group is (of `kind`, if given);
+    anything else raises [StoreExistsError][pydvl_datainf.errors.StoreExistsError]
+    and is left untouched. Prefer [claim_path][pydvl_datainf.storage.format.claim_path]
+    to create an output.
+
+    Args:
+        path: a local path, `file://` path, or fsspec URL.
+        mode: Zarr's mode: `"r"`, `"r+"`, `"a"`, `"w"` or `"w-"`.
+        storage_options: passed to fsspec for URLs.
+        kind: for `"w"`: the only kind of pydvl-datainf group it may replace.
+        attributes: attributes of a group created by `"w"` or `"w-"`.
+
+    Returns:
+        The `zarr.Group`.
+
+    Raises:
+        StoreExistsError: `"w"` over something not ours (or of another kind),
+            or `"w-"` where a group exists.
+
+    Example:
+        ```python
+        group = open_zarr_group("s3://bucket/grads.zarr", "r",
+                                storage_options={"anon": False})
+        group.attrs["n"]
+        ```
+    """
+    import zarr
+
+    p = _local(os.fspath(path))
+    if mode == "w":
+        status = inspect_path(p, storage_options, kind)
+        if not status.is_free and not (
+            status.state == PathState.OWNED
+            or (kind is None and status.state == PathState.OTHER_KIND)
+        ):
+            raise StoreExistsError(_refusal(p, status, kind))
+    extra: Dict[str, Any] = {}
+    if attributes is not None and mode in ("w", "w-"):
+        extra["attributes"] = dict(attributes)
+    try:
+        if is_url(p):
+            return zarr.open_group(
+                store=p,
+                mode=mode,
+                storage_options=dict(storage_options or {}),
+                **extra,
+            )
+        return zarr.open_group(store=p, mode=mode, **extra)
+    except (FileExistsError, zarr.errors.ContainsGroupError) as e:
+        if mode != "w-" or isinstance(e, StoreExistsError):
+            raise
+        raise StoreExistsError(
+            f"Something was created at {p!r} at the same time (another process "
+            f"started the same output?): {e}"
+        ) from e
+
+
+def _refusal(path: str, status: PathStatus, kind: Optional[str]) -> str:
+    what = (kind or "output").replace("_", " ")
+    if status.state == PathState.OTHER_KIND:
+        return (
+            f"{path!r} holds a pydvl-datainf {str(status.kind).replace('_', ' ')}, "
+            f"not a {what}; it is not replaced, even with overwrite. Choose "
+            f"another path, or delete it yourself if it is no longer needed."
+        )
+    return (
+        f"{path!r} is not empty and was not created by pydvl-datainf (no "
+        f"{FORMATS.get(kind or '', 'pydvl_datainf')!r} marker); it is never "
+        f"emptied or replaced, even with overwrite. Choose another path (a new "
+        f"or empty directory)."
+    )
+
+
+def claim_path(
+    path: PathLike,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    attributes: Optional[Mapping[str, Any]] = None,
+    exists_hint: str = "Pass overwrite=True to replace it.",
+) -> Any:
+    """Create a new, empty output group of `kind` at `path`, safely.
+
+    - Nothing there (or an empty directory): the group is created, failing
+      with [StoreExistsError][pydvl_datainf.errors.StoreExistsError] if
+      another process creates one at the same time.
+    - Our group of the same kind: replaced if `overwrite`, else
+      `StoreExistsError` (with `exists_hint`).
+    - Anything else: `StoreExistsError`, whatever `overwrite`; nothing is
+      deleted.
+
+    The group is created with its format marker (`format`,
+    `format_version` 0 until the caller sets it, `library_version`) and
+    `attributes` in one write, so it is recognisable as ours from the start.
+
+    Args:
+        path: a local path, `file://` path or fsspec URL.
+        kind: [GRADIENT_STORE][pydvl_datainf.storage.format.GRADIENT_STORE] or
+            [INFLUENCE_MATRIX][pydvl_datainf.storage.format.INFLUENCE_MATRIX].
+        overwrite: replace an existing output of the same kind.
+        storage_options: fsspec options for URLs.
+        attributes: more attributes of the new group.
+        exists_hint: how to proceed when an output exists and `overwrite` is
+            false (appended to the error message).
+
+    Returns:
+        The new `zarr.Group`, open for writing.
+
+    Example:
+        ```python
+        group = claim_path("scores.zarr", "influence_matrix", overwrite=True,
+                           attributes={"format_version": 1})
+        ```
+    """
+    p = _local(os.fspath(path))
+    status = check_claimable(
+        p,
+        kind,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        exists_hint=exists_hint,
+    )
+    attrs = {
+        "format": FORMATS[kind],
+        "format_version": 0,
+        "library_version": library_version(),
+        **dict(attributes or {}),
+    }
+    if status.is_free:
+        return open_zarr_group(p, "w-", storage_options, attributes=attrs)
+    logger.info("Replacing the %s at %s", kind.replace("_", " "), p)
+    return open_zarr_group(p, "w", storage_options, kind=kind, attributes=attrs)
+
+
+def check_claimable(
+    path: PathLike,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    exists_hint: str = "Pass overwrite=True to replace it.",
+) -> PathStatus:
+    """Raise if [claim_path][pydvl_datainf.storage.format.claim_path] would
+    refuse `path`; change nothing.
+
+    Returns:
+        What is at `path`: free, or our output of `kind` (with `overwrite`).
+
+    Raises:
+        StoreExistsError: as `claim_path`.
+
+    Example:
+        ```python
+        check_claimable("grads.zarr", "gradient_store", overwrite=False)
+        ```
+    """
+    _check_kind(kind)
+    p = _local(os.fspath(path))
+    status = inspect_path(p, storage_options, kind)
+    if status.is_free:
+        return status
+    if status.state == PathState.OWNED:
+        if not overwrite:
+            raise StoreExistsError(
+                f"A pydvl-datainf {kind.replace('_', ' ')} already exists at "
+                f"{p!r}. {exists_hint}"
+            )
+        return status
+    raise StoreExistsError(_refusal(p, status, kind))
+
+
+def remove_owned(
+    path: PathLike,
+    kind: str,
+    storage_options: Optional[Mapping[str, Any]] = None,
+) -> bool:
+    """Delete the output of `kind` at `path`, only if it carries our marker.
+
+    Returns:
+        `True` if deleted, `False` if nothing was there.
+
+    Raises:
+        StoreExistsError: something is there that is not an output of `kind`
+            (it is left untouched).
+
+    Example:
+        ```python
+        remove_owned("old-grads.zarr", "gradient_store")
+        ```
+    """
+    _check_kind(kind)
+    p = _local(os.fspath(path))
+    status = inspect_path(p, storage_options, kind)
+    if status.state == PathState.ABSENT:
+        return False
+    if status.state not in (PathState.OWNED, PathState.EMPTY):
+        raise StoreExistsError(_refusal(p, status, kind))
+    if is_url(p):
+        from fsspec.core import url_to_fs
+
+        fs, root = url_to_fs(p, **dict(storage_options or {}))
+        fs.rm(root, recursive=True)
+    else:
+        import shutil
+
+        shutil.rmtree(p)
+    return True

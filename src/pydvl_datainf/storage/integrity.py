@@ -1,0 +1,369 @@
+r"""Integrity of Zarr outputs: checksummed chunks, a manifest, checked reads.
+
+Arrays are created with a CRC-32C checksum on every chunk
+([checksum_codecs][pydvl_datainf.storage.integrity.checksum_codecs]), and every
+chunk is written, even one equal to the fill value. A manifest of finished
+arrays (their shapes and chunk grids) is written last
+([write_manifest][pydvl_datainf.storage.integrity.write_manifest]).
+[open_checked_array][pydvl_datainf.storage.integrity.open_checked_array] checks
+an array against the manifest when it is opened (cheap: metadata only);
+[read_checked][pydvl_datainf.storage.integrity.read_checked] checks that the
+chunks read exist (Zarr would return the fill value for a missing chunk) and
+turns a checksum failure into
+[StoreCorruptError][pydvl_datainf.errors.StoreCorruptError] naming the array
+and the chunk; [verify_array][pydvl_datainf.storage.integrity.verify_array]
+reads every chunk.
+
+Example:
+    ```python
+    arr = create_checked_array(group, "matrix", shape=(10, 100),
+                               chunks=(10, 50), dtype="float32")
+    arr[:] = values
+    write_manifest(group, ["matrix"])
+    arr = open_checked_array(group, "matrix", "scores.zarr")
+    read_checked(arr, "matrix", "scores.zarr", (slice(0, 10), slice(0, 50)))
+    ```
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+from ..errors import StoreCorruptError
+
+__all__ = [
+    "DEFAULT_RECOVER",
+    "checksum_codecs",
+    "create_checked_array",
+    "write_manifest",
+    "read_manifest",
+    "open_checked_array",
+    "chunk_exists",
+    "missing_chunks",
+    "read_checked",
+    "verify_array",
+]
+
+Coords = Tuple[int, ...]
+
+DEFAULT_RECOVER = (
+    "Recreate it: fit again with overwrite=True (or delete the store and fit again)."
+)
+"""How to recover, said by default in errors about a damaged output."""
+
+
+def checksum_codecs(compressors: Any = None) -> List[Any]:
+    """Zarr 3 bytes-to-bytes codecs: `compressors`, then a CRC-32C checksum.
+
+    Pass the result as `compressors=` to `create_array`: every chunk is
+    checksummed after compression, and a chunk whose bytes changed raises on
+    read.
+
+    Args:
+        compressors: `None`, one codec or a sequence of codecs.
+
+    Example:
+        >>> type(checksum_codecs()[-1]).__name__
+        'Crc32cCodec'
+    """
+    from zarr.codecs import Crc32cCodec
+
+    if compressors is None:
+        given: List[Any] = []
+    elif isinstance(compressors, (list, tuple)):
+        given = list(compressors)
+    else:
+        given = [compressors]
+    given = [c for c in given if not isinstance(c, Crc32cCodec)]
+    return [*given, Crc32cCodec()]
+
+
+def create_checked_array(
+    group: Any,
+    name: str,
+    *,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: Any,
+    compressors: Any = None,
+    fill_value: Any = 0,
+) -> Any:
+    """`group.create_array` with a checksum on every chunk and every chunk
+    written (even one equal to `fill_value`, so that a missing chunk is
+    always a fault). Replaces an array of the same name in `group`.
+
+    Example:
+        ```python
+        arr = create_checked_array(group, "matrix", shape=(10, 100),
+                                   chunks=(10, 50), dtype="float32")
+        ```
+    """
+    return group.create_array(
+        name,
+        shape=tuple(shape),
+        chunks=tuple(chunks),
+        dtype=dtype,
+        fill_value=fill_value,
+        compressors=checksum_codecs(compressors),
+        config={"write_empty_chunks": True},
+        overwrite=True,
+    )
+
+
+def write_manifest(group: Any, names: Iterable[str]) -> None:
+    """Record arrays `names` of `group` as finished: their shapes and chunks.
+
+    Call it after their data is written (and before marking the output
+    complete); entries already there are kept.
+
+    Example:
+        ```python
+        arr[:] = values
+        write_manifest(group, ["matrix"])
+        ```
+    """
+    manifest = dict(group.attrs.get("manifest") or {})
+    for name in names:
+        arr = group[name]
+        manifest[name] = {"shape": list(arr.shape), "chunks": list(arr.chunks)}
+    group.attrs["manifest"] = manifest
+
+
+def read_manifest(group: Any, path: str, what: str = "store") -> Dict[str, Any]:
+    """The manifest of `group`.
+
+    Raises:
+        StoreCorruptError: there is none.
+
+    Example:
+        ```python
+        read_manifest(group, "grads.zarr")["grads/0"]["shape"]  # [n, d]
+        ```
+    """
+    manifest = group.attrs.get("manifest")
+    if not isinstance(manifest, dict):
+        raise StoreCorruptError(
+            f"The {what} at {path!r} has no manifest of finished chunks: it was "
+            f"not finished, or its metadata is damaged. {DEFAULT_RECOVER}"
+        )
+    return manifest
+
+
+def open_checked_array(
+    group: Any,
+    name: str,
+    path: str,
+    *,
+    shape: Optional[Sequence[int]] = None,
+    manifest: Optional[Mapping[str, Any]] = None,
+    what: str = "store",
+    recover: str = DEFAULT_RECOVER,
+) -> Any:
+    """Open array `name` of `group` and check it against the manifest.
+
+    Cheap (metadata only): the array exists, is in the manifest, and its
+    shape and chunks are the recorded ones (and `shape`, if given).
+
+    Raises:
+        StoreCorruptError: missing array, no manifest entry, or another
+            shape or chunk grid, naming the array and how to recover.
+
+    Example:
+        ```python
+        arr = open_checked_array(group, "grads/0", "grads.zarr", shape=(n, d))
+        ```
+    """
+    import zarr.errors
+
+    if manifest is None:
+        manifest = read_manifest(group, path, what)
+    entry = manifest.get(name)
+    if entry is None:
+        raise StoreCorruptError(
+            f"The {what} at {path!r} does not list array {name!r} as finished. "
+            f"{recover}"
+        )
+    try:
+        arr = group[name]
+    except (KeyError, FileNotFoundError, zarr.errors.NodeNotFoundError) as e:
+        raise StoreCorruptError(
+            f"Array {name!r} of the {what} at {path!r} is missing. {recover}"
+        ) from e
+    want_shape = list(entry["shape"]) if shape is None else list(shape)
+    if list(arr.shape) != list(entry["shape"]) or list(arr.shape) != want_shape:
+        raise StoreCorruptError(
+            f"Array {name!r} of the {what} at {path!r} has shape "
+            f"{tuple(arr.shape)}, but {tuple(want_shape)} was written. {recover}"
+        )
+    if list(arr.chunks) != list(entry["chunks"]):
+        raise StoreCorruptError(
+            f"Array {name!r} of the {what} at {path!r} has chunks "
+            f"{tuple(arr.chunks)}, but {tuple(entry['chunks'])} were written. "
+            f"{recover}"
+        )
+    return arr
+
+
+def _chunk_key(arr: Any, coords: Coords) -> str:
+    key = arr.metadata.encode_chunk_key(tuple(int(c) for c in coords))
+    prefix = arr.store_path.path
+    return f"{prefix}/{key}" if prefix else str(key)
+
+
+def chunk_exists(arr: Any, coords: Coords) -> bool:
+    """Whether chunk `coords` of Zarr array `arr` is stored (errors propagate).
+
+    Example:
+        ```python
+        chunk_exists(group["grads/0"], (0, 0))
+        ```
+    """
+    from zarr.core.sync import sync
+
+    return bool(sync(arr.store_path.store.exists(_chunk_key(arr, coords))))
+
+
+def _grid(arr: Any) -> List[int]:
+    return [-(-s // c) for s, c in zip(arr.shape, arr.chunks)]
+
+
+def _chunks_of(arr: Any, selection: Sequence[slice]) -> List[Coords]:
+    """The chunk coordinates a basic selection (one slice per dimension) reads."""
+    ranges = []
+    for dim, sl in enumerate(selection):
+        start, stop, _ = sl.indices(arr.shape[dim])
+        if stop <= start:
+            return []
+        c = arr.chunks[dim]
+        ranges.append(range(start // c, (stop - 1) // c + 1))
+    ranges += [range(g) for g in _grid(arr)[len(selection) :]]
+    return list(itertools.product(*ranges))
+
+
+def missing_chunks(arr: Any, coords: Iterable[Coords]) -> List[Coords]:
+    """The chunks among `coords` that are not stored.
+
+    Example:
+        ```python
+        missing_chunks(group["matrix"], [(0, 0), (0, 1)])  # [] if both are
+        ```
+    """
+    return [tuple(c) for c in coords if not chunk_exists(arr, tuple(c))]
+
+
+def _corrupt(
+    what: str, path: str, name: str, coords: Coords, problem: str, recover: str
+) -> StoreCorruptError:
+    return StoreCorruptError(
+        f"The {what} at {path!r} is damaged: array {name!r}, chunk "
+        f"{tuple(int(c) for c in coords)} {problem}. {recover}"
+    )
+
+
+def _read_chunk(
+    arr: Any, name: str, path: str, coords: Coords, what: str, recover: str
+) -> Any:
+    try:
+        return arr.blocks[tuple(coords)]
+    except ValueError as e:  # a failed checksum, or bytes that do not decode
+        raise _corrupt(what, path, name, coords, f"is corrupt ({e})", recover) from e
+
+
+def read_checked(
+    arr: Any,
+    name: str,
+    path: str,
+    selection: Union[slice, Tuple[slice, ...]],
+    *,
+    read: Optional[Callable[[], Any]] = None,
+    chunks: Optional[Iterable[Coords]] = None,
+    what: str = "store",
+    recover: str = DEFAULT_RECOVER,
+) -> Any:
+    """Read `arr[selection]`, refusing missing or corrupt chunks.
+
+    Checks that every chunk read is stored (Zarr returns the fill value for a
+    missing chunk) and turns a checksum failure into an error naming the
+    chunk.
+
+    Args:
+        arr: the Zarr array.
+        name: its name in the group (for messages).
+        path: the output's path (for messages).
+        selection: slices, one per leading dimension, within the shape.
+        read: the actual read (default `arr[selection]`), e.g. an orthogonal
+            selection; then `chunks` must list the chunks it touches.
+        chunks: the chunk coordinates read (default: those of `selection`).
+        what: the kind of output (for messages).
+        recover: how to recover (for messages).
+
+    Raises:
+        StoreCorruptError: a chunk is missing or corrupt; a selection beyond
+            the shape.
+
+    Example:
+        ```python
+        rows = read_checked(arr, "grads/0", "grads.zarr", (slice(0, 1024),))
+        ```
+    """
+    sel = selection if isinstance(selection, tuple) else (selection,)
+    for dim, sl in enumerate(sel):
+        if sl.stop is not None and sl.stop > arr.shape[dim]:
+            raise StoreCorruptError(
+                f"The {what} at {path!r} is damaged: array {name!r} has "
+                f"{arr.shape[dim]} entries along axis {dim}, {sl.stop} were "
+                f"written. {recover}"
+            )
+    coords = list(chunks) if chunks is not None else _chunks_of(arr, sel)
+    for c in missing_chunks(arr, coords):
+        raise _corrupt(what, path, name, c, "is missing", recover)
+    try:
+        return read() if read is not None else arr[sel]
+    except ValueError as e:
+        for c in coords:  # find the culprit to name it
+            _read_chunk(arr, name, path, c, what, recover)
+        raise _corrupt(
+            what, path, name, coords[0] if coords else (), f"failed ({e})", recover
+        ) from e
+
+
+def verify_array(
+    arr: Any,
+    name: str,
+    path: str,
+    *,
+    what: str = "store",
+    recover: str = DEFAULT_RECOVER,
+) -> int:
+    """Read every chunk of `arr`, checking that it exists and its checksum.
+
+    Returns:
+        The number of chunks checked.
+
+    Raises:
+        StoreCorruptError: the first missing or corrupt chunk.
+
+    Example:
+        ```python
+        verify_array(group["matrix"], "matrix", "scores.zarr")
+        ```
+    """
+    n = 0
+    for coords in itertools.product(*(range(g) for g in _grid(arr))):
+        if not chunk_exists(arr, coords):
+            raise _corrupt(what, path, name, coords, "is missing", recover)
+        _read_chunk(arr, name, path, coords, what, recover)
+        n += 1
+    return n
