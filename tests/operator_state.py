@@ -9,7 +9,7 @@ import torch
 
 from pydvl_datainf.blocks import Block, BlockStructure
 from pydvl_datainf.formula import squared_norms
-from pydvl_datainf.stores import GradientStore, MemoryGradientStore
+from pydvl_datainf.storage import GradientStore, MemoryGradientStore
 
 
 def make_state(

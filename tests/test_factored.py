@@ -21,7 +21,7 @@ from pydvl_datainf.factored import (
     squared_norms,
 )
 from pydvl_datainf.gradients import HookGradientEngine
-from pydvl_datainf.stores import AutoGradientStore, ZarrGradientStore
+from pydvl_datainf.storage import AutoGradientStore, ZarrGradientStore
 from reference import DenseDataInf, per_sample_grads, rel_err
 
 

@@ -18,7 +18,7 @@ from pydvl_datainf import (
 )
 from pydvl_datainf.config import check_regularization, resolve_regularization
 from pydvl_datainf.fingerprint import WeightWatch, loss_name
-from pydvl_datainf.stores import open_zarr_group
+from pydvl_datainf.storage import open_zarr_group
 from reference import DenseDataInf, rel_err
 
 

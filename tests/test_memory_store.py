@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pydvl_datainf.stores import MemoryGradientStore
+from pydvl_datainf.storage import MemoryGradientStore
 
 
 @pytest.mark.parametrize("capacity", [None, 3, 10, 40])

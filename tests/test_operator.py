@@ -16,7 +16,7 @@ from pydvl_datainf.operator import (
     tile_product,
     tree_reduce,
 )
-from pydvl_datainf.stores import GradientStore, MemoryGradientStore
+from pydvl_datainf.storage import GradientStore, MemoryGradientStore
 from reference import auto_lambda, dense_R, rel_err
 
 TOL = 1e-8

@@ -477,11 +477,7 @@ JOBS: OrderedDict[str, JobSpec] = OrderedDict(
 
 # ------------------------------------------------------------- cache / load
 def engine() -> str:
-    """Our fastest per-sample gradient engine here: `"hooks"` where it exists."""
-    try:
-        import pydvl_datainf.hooks  # noqa: F401 - registers the "hooks" engine
-    except ImportError:  # pragma: no cover - before the hook engine existed
-        return "func"
+    """Our fastest per-sample gradient engine: the hook engine."""
     return "hooks"
 
 

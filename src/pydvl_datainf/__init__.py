@@ -30,7 +30,7 @@ from .gradients import (
     get_engine,
 )
 from .influence import DataInfInfluence
-from .matrix import (
+from .scoring import (
     MatrixResult,
     TopK,
     influence_matrix,
@@ -38,7 +38,7 @@ from .matrix import (
     self_influence,
     top_k,
 )
-from .stores import (
+from .storage import (
     AutoGradientStore,
     GradientStore,
     MemoryGradientStore,

@@ -58,7 +58,7 @@ from .gradients import GradientEngine, LossFn, get_engine
 from .operator import DataInfOperator
 from .persistence import load_state
 from .perturbation import perturbation_influences_by_block
-from .rows import RowIndex, batch_digest
+from .rows import batch_digest
 from .state import FittedState
 from .storage import GradientStore, ZarrGradientStore, resolve_store_dtype
 from .storage.policy import StoreSpec, check_store_spec, new_store
@@ -247,9 +247,6 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             )
         return state, generation
 
-    def _check_ready(self) -> None:
-        self._snapshot()
-
     @property
     def fingerprint(self) -> str:
         """SHA-256 of the trainable weights at fit (`""` before fit)."""
@@ -259,10 +256,6 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
     def store(self) -> Optional[GradientStore]:
         """The training gradients (`None` before fit)."""
         return None if self._fitted is None else self._fitted.store
-
-    @property
-    def _rows(self) -> Optional[RowIndex]:  # kept for older callers
-        return None if self._fitted is None else self._fitted.rows
 
     @property
     def n_train(self) -> int:
@@ -363,9 +356,6 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         see [per_sample_gradients][pydvl_datainf.influence.DataInfInfluence.per_sample_gradients].
         """
         return OrderedDict(self._gradients(x, y))
-
-    def _grads(self, x: torch.Tensor, y: torch.Tensor) -> Blockwise:
-        return self._gradients(x, y)
 
     def per_sample_gradients(
         self, x: torch.Tensor, y: torch.Tensor

@@ -42,6 +42,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from pydvl_datainf.scoring import influence_matrix
+
 from . import baselines
 from .datasets import read_csv
 from .pipelines import FineTunedTask, fit_datainf, harm, mislabel_task
@@ -180,8 +182,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     logging.getLogger("pydvl_datainf.influence").setLevel(logging.WARNING)
     progress = not args.no_progress
     start = time.perf_counter()
-
-    from pydvl_datainf import influence_matrix
 
     task, label = _task(ap, args, progress)
     names = task.train.class_names

@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .datasets import load_bbc_news
+
 __all__ = [
     "GenerativeTask",
     "TRANSFORMATIONS",
@@ -146,8 +148,6 @@ def headline_sentences(min_words: int = 4, max_words: int = 6) -> List[str]:
         headline_sentences()[0]  # 'ad sales boost time warner profit'
         ```
     """
-    from .datasets import load_bbc_news
-
     pattern = re.compile(rf"[a-z]+( [a-z]+){{{min_words - 1},{max_words - 1}}}")
     seen: Dict[str, None] = {}
     for text in load_bbc_news().texts:

@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pydvl_datainf import hooks as _hooks  # noqa: F401  (registers the "hooks" engine)
 from pydvl_datainf.blocks import BlockSpec, build_blocks
 from pydvl_datainf.config import RegularizationSpec, resolve_regularization
 from pydvl_datainf.influence import DataInfInfluence
