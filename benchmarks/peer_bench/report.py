@@ -23,7 +23,7 @@ __all__ = [
 
 BEGIN = "<!-- peers-table:begin (written by benchmarks/run.py) -->"
 END = "<!-- peers-table:end -->"
-HEADING = "## Peers (issue 6)"
+HEADING = "## Peers"
 
 COLUMNS = [
     "job",
