@@ -1,140 +1,178 @@
-"""The fenced Python examples in the docstrings of the public API run.
+"""Every example in the docstrings of the library runs as written.
 
-The public API is every object in ``pydvl_datainf.__all__`` and every module
-rendered by the API pages (``::: module`` lines in docs/api/*.md), with their
-public members (and the methods and properties of public classes). The blocks
-of one docstring run in order in one namespace, in a temporary working
-directory, starting from the globals of the module that defines the object (as
-doctests do), so an example may use the names of its own module without
-importing them. ``>>>`` examples are doctests, run separately
-(``pytest --doctest-modules``).
+The library is every module of the ``pydvl_datainf`` package, found by walking
+it (only ``pydvl_datainf.demo``, the launcher of ``python -m
+pydvl_datainf.demo``, is left out: importing it does nothing but import the
+demo). An example is a fenced ```python block in the docstring of a module, of
+a class or function defined in it, or of a method or property of such a
+class.
+
+The blocks of one docstring form one example: they run in order, in one fresh
+namespace (an example imports what it uses, as a reader copying it would), in
+a temporary working directory, with the Hugging Face hub offline. ``>>>``
+examples are doctests and run here too, one test per module.
+
+``test_every_fence_in_the_sources_is_collected`` counts the fences in the
+source files, so that an example the collector cannot reach (say, in a nested
+function) fails the suite rather than going untested.
 """
 
 from __future__ import annotations
 
+import doctest
 import importlib
 import inspect
+import pkgutil
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Set, Tuple
+from typing import Any, Dict, List, Set
 
 import pytest
 
-from test_docs_snippets import ROOT, Block, markdown_python_blocks, run_page
+import pydvl_datainf
+from test_docs_snippets import Block, markdown_python_blocks, run_page
 
-API_PAGES = sorted((ROOT / "docs" / "api").glob("*.md"))
-DIRECTIVE = re.compile(r"^:::\s*(?P<module>[\w.]+)\s*$", re.MULTILINE)
-
-# Examples known to fail while the modules are reorganised; each must pass (and
-# leave this list) before release. Non-strict, so a fixed one simply passes.
-KNOWN_FAILING: Set[str] = set()
-# While the list above is being settled, every example is a non-strict xfail:
-# it reports XPASS/XFAIL and never fails the run. Set to False to enforce.
-XFAIL_ALL = True
+PACKAGE_DIR = Path(pydvl_datainf.__file__).resolve().parent
+# the launcher of `python -m pydvl_datainf.demo`; the demo is experiments.demo
+NOT_COLLECTED = {"pydvl_datainf.demo"}
+PYTHON_FENCE = re.compile(r"^\s*```+\s*(python|py)\b")
 
 
-def documented_modules() -> List[str]:
-    names = ["pydvl_datainf"]
-    for page in API_PAGES:
-        names += DIRECTIVE.findall(page.read_text(encoding="utf-8"))
-    return list(dict.fromkeys(names))
+def library_modules() -> List[str]:
+    """Every module of the package, walked, less `NOT_COLLECTED`."""
+    names = ["pydvl_datainf"] + [
+        m.name for m in pkgutil.walk_packages(pydvl_datainf.__path__, "pydvl_datainf.")
+    ]
+    return sorted(n for n in names if n not in NOT_COLLECTED)
 
 
-def _public_members(obj: Any) -> Iterator[Tuple[str, Any]]:
-    names = getattr(obj, "__all__", None)
-    if names is None:
-        names = [n for n in vars(obj) if not n.startswith("_")]
-    for name in names:
-        member = getattr(obj, name, None)
-        if member is not None:
-            yield name, member
+def _doc(obj: Any) -> str:
+    # `__doc__`, not `inspect.getdoc`: a method without a docstring must not
+    # run the example of the method it overrides a second time
+    doc = obj.fget.__doc__ if isinstance(obj, property) else obj.__doc__
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ""
 
 
-def _key(obj: Any, fallback: str) -> str:
-    module = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", None)
-    if isinstance(obj, property) and obj.fget is not None:
-        module, qualname = obj.fget.__module__, obj.fget.__qualname__
-    if module and qualname:
-        return f"{module}.{qualname}"
-    return fallback
-
-
-def collect() -> Tuple[Dict[str, List[Block]], Dict[str, str]]:
-    """`{object: [blocks]}` for every documented object with Python examples,
-    and `{object: defining module}`."""
+def collect() -> Dict[str, List[Block]]:
+    """`{qualified name: [blocks]}` for every docstring with Python examples."""
     found: Dict[str, List[Block]] = {}
-    modules: Dict[str, str] = {}
+    seen: Set[int] = set()
 
-    def visit(obj: Any, name: str) -> None:
-        key = name if inspect.ismodule(obj) else _key(obj, name)
-        if key in found or key in seen:
+    def visit(obj: Any, key: str) -> None:
+        if id(obj) in seen:
             return
-        seen.add(key)
-        doc = inspect.getdoc(obj) if not isinstance(obj, property) else obj.__doc__
-        if doc:
-            blocks = markdown_python_blocks(inspect.cleandoc(doc), key)
-            if blocks:
-                found[key] = blocks
-                modules[key] = (
-                    obj.__name__
-                    if inspect.ismodule(obj)
-                    else getattr(obj, "__module__", None)
-                    or getattr(getattr(obj, "fget", None), "__module__", name)
-                )
+        seen.add(id(obj))
+        blocks = markdown_python_blocks(_doc(obj), key)
+        if blocks:
+            found[key] = blocks
         if inspect.isclass(obj):
             for attr, member in vars(obj).items():
-                if attr.startswith("_"):
-                    continue
                 if isinstance(member, (staticmethod, classmethod)):
                     member = member.__func__
                 if inspect.isfunction(member) or isinstance(member, property):
                     visit(member, f"{key}.{attr}")
+                elif inspect.isclass(member) and member.__qualname__.startswith(
+                    obj.__qualname__ + "."
+                ):
+                    visit(member, f"{key}.{attr}")
 
-    seen: Set[str] = set()
-    for module_name in documented_modules():
+    for module_name in library_modules():
         module = importlib.import_module(module_name)
         visit(module, module_name)
-        for attr, member in _public_members(module):
-            if inspect.ismodule(member):
-                continue
-            if not (inspect.isclass(member) or inspect.isfunction(member)):
-                continue
-            # re-exports are visited once, under their defining module
-            if not getattr(member, "__module__", "").startswith("pydvl_datainf"):
-                continue
-            visit(member, f"{module_name}.{attr}")
-    return found, modules
+        for member in vars(module).values():
+            is_code = inspect.isclass(member) or inspect.isfunction(member)
+            # re-exports are visited once, in the module that defines them
+            if is_code and getattr(member, "__module__", None) == module_name:
+                visit(member, f"{module_name}.{member.__qualname__}")
+    return found
 
 
-EXAMPLES, MODULES = collect()
+EXAMPLES = collect()
 
 
-def test_the_public_api_has_examples():
-    assert len(EXAMPLES) >= 10, sorted(EXAMPLES)
+def fences_in_sources() -> int:
+    count = 0
+    for path in PACKAGE_DIR.rglob("*.py"):
+        rel = path.relative_to(PACKAGE_DIR.parent).with_suffix("")
+        name = ".".join(rel.parts).removesuffix(".__init__")
+        if name in NOT_COLLECTED:
+            continue
+        text = path.read_text(encoding="utf-8")
+        count += sum(bool(PYTHON_FENCE.match(ln)) for ln in text.splitlines())
+    return count
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                reason="docstring example being rewritten", strict=False
-            ),
-        )
-        if XFAIL_ALL or n in KNOWN_FAILING
-        else n
-        for n in sorted(EXAMPLES)
-    ],
-)
+def test_the_collector_walks_the_package():
+    modules = library_modules()
+    for expected in (
+        "pydvl_datainf",
+        "pydvl_datainf.operator",
+        "pydvl_datainf.storage.zarr",
+        "pydvl_datainf.gradients.hooks.engine",
+        "pydvl_datainf.scoring.executors.dask",
+        "pydvl_datainf.experiments.pipelines",
+    ):
+        assert expected in modules
+    assert "pydvl_datainf.demo" not in modules
+    assert len(EXAMPLES) >= 50, sorted(EXAMPLES)
+
+
+def test_every_fence_in_the_sources_is_collected():
+    collected = sum(len(blocks) for blocks in EXAMPLES.values())
+    assert collected == fences_in_sources()
+
+
+def test_a_failing_example_fails(tmp_path: Path) -> None:
+    """The runner raises on a failing example (else these tests prove nothing)."""
+    (block,) = markdown_python_blocks(
+        '"""Doc.\n\n```python\nassert 1 + 1 == 3, "wrong"\n```\n"""', "fake"
+    )
+    with pytest.raises(AssertionError, match="fake:3 failed"):
+        run_example([block], tmp_path)
+
+
+def run_example(blocks: List[Block], tmp_path: Path) -> None:
+    """The blocks of one docstring, in order, in one fresh namespace."""
+    for b in blocks[1:]:
+        b.continues = True
+    run_page(blocks, tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_docstring_example_runs(name: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    blocks = EXAMPLES[name]
-    # the blocks of one docstring form one example
-    for b in blocks[1:]:
-        b.continues = True
-    module = importlib.import_module(MODULES[name])
-    run_page(blocks, tmp_path, initial=dict(vars(module)))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_example(EXAMPLES[name], tmp_path)
+
+
+DOCTEST_FINDER = doctest.DocTestFinder(exclude_empty=True)
+
+
+def doctests(module_name: str) -> List[doctest.DocTest]:
+    """The doctests of the objects a module defines (not of its re-exports)."""
+    module = importlib.import_module(module_name)
+    return [t for t in DOCTEST_FINDER.find(module, module_name) if t.examples]
+
+
+DOCTEST_MODULES = [name for name in library_modules() if doctests(name)]
+
+
+def test_the_library_has_doctests():
+    assert len(DOCTEST_MODULES) >= 5, DOCTEST_MODULES
+
+
+@pytest.mark.parametrize("module_name", DOCTEST_MODULES)
+def test_doctests_pass(module_name: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in doctests(module_name):
+        # as under `pytest --doctest-modules`, a doctest starts from a copy
+        # of its module's globals
+        runner.run(test, out=lambda s: print(s, end=""))
+    results = runner.summarize(verbose=False)
+    assert results.attempted > 0
+    assert results.failed == 0, f"{results.failed} doctest(s) failed, see stdout"

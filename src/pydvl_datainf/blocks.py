@@ -32,8 +32,8 @@ Example:
 
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     blocks = build_blocks(model)
-    blocks.names      # ['0', '2']
-    blocks.sizes      # [15, 8]
+    assert blocks.names == ["0", "2"]  # one block per layer
+    assert blocks.sizes == [15, 8]     # weights and biases: 4*3 + 3, 3*2 + 2
     ```
 """
 

@@ -102,8 +102,18 @@ class GradientFunction:
 
     Example:
         ```python
+        import torch
+        from pydvl_datainf import build_blocks, get_engine
+        from pydvl_datainf.fit import GradientFunction
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
+                                    torch.nn.Linear(3, 2))
+        loss = torch.nn.functional.cross_entropy
+        blocks = build_blocks(model)
         grads = GradientFunction(model, loss, get_engine("auto"), blocks)
-        grads(x, y)  # {block: (len(x), d_l)}
+        g = grads(torch.randn(5, 4), torch.randint(0, 2, (5,)))
+        assert {k: v.shape for k, v in g.items()} == {
+            "0": torch.Size([5, 15]), "2": torch.Size([5, 8])}
         ```
     """
 
@@ -285,8 +295,20 @@ def fit(
 
     Example:
         ```python
-        state = fit(GradientFunction(model, loss, engine, blocks), loader,
-                    MemoryGradientStore(blocks.names))
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import MemoryGradientStore, build_blocks, get_engine
+        from pydvl_datainf.fit import GradientFunction, fit
+
+        model = torch.nn.Linear(4, 2)
+        loss = torch.nn.functional.cross_entropy
+        x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+        loader = DataLoader(TensorDataset(x, y), batch_size=8)
+        blocks = build_blocks(model)
+        state = fit(GradientFunction(model, loss, get_engine("auto"), blocks), loader,
+                    MemoryGradientStore(blocks.names), progress=False)
+        assert state.n == 20 and list(state.regularization) == [""]
+        print(state.regularization)  # the resolved lambda of the one block
         ```
     """
     spec = validate_regularization(regularization, gradients.blocks.names)

@@ -27,9 +27,10 @@ Example:
     model = SequenceClassifierWrapper(BertForSequenceClassification(config)).eval()
     ids = torch.tensor([[2, 5, 7, 0], [2, 9, 0, 0]])
     mask = (ids != 0).long()
-    x = pack_inputs(ids, mask)  # shape (2, 2, 4)
-    logits = model(x)           # shape (2, 2)
+    x = pack_inputs(ids, mask)
+    logits = model(x)
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
+    assert x.shape == (2, 2, 4) and logits.shape == (2, 2) and loss > 0
     ```
 """
 
@@ -73,8 +74,11 @@ def pack_inputs(
 
     Example:
         ```python
+        import torch
+        from pydvl_datainf.hf import pack_inputs
+
         x = pack_inputs(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]))
-        x.shape  # torch.Size([1, 2, 3])
+        assert x.tolist() == [[[5, 6, 0], [1, 1, 0]]]  # (B, 2, L)
         ```
     """
     if input_ids.dim() != 2:
@@ -129,9 +133,20 @@ class SequenceClassifierWrapper(nn.Module):
 
     Example:
         ```python
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.hf import SequenceClassifierWrapper, pack_inputs
+
+        hf_model = BertForSequenceClassification(BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=32, num_labels=3,
+        ))
+        input_ids = torch.tensor([[2, 5, 7], [2, 9, 0]])
+        attention_mask = (input_ids != 0).long()
         wrapped = SequenceClassifierWrapper(hf_model).eval()
-        logits = wrapped(pack_inputs(input_ids, attention_mask))  # (B, classes)
-        loss = torch.nn.functional.cross_entropy(logits, labels)
+        logits = wrapped(pack_inputs(input_ids, attention_mask))
+        assert logits.shape == (2, 3)  # (B, classes)
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
         ```
     """
 
@@ -159,10 +174,23 @@ class CausalLMWrapper(nn.Module):
 
     Example:
         ```python
-        wrapped = CausalLMWrapper(hf_model).eval()
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from pydvl_datainf.hf import (
+            CausalLMWrapper, causal_lm_labels, causal_lm_loss, pack_inputs)
+
+        hf_model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+        ))
+        input_ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])  # left padded
+        attention_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+        wrapped = CausalLMWrapper(hf_model, position_ids_from_mask=True).eval()
         x = pack_inputs(input_ids, attention_mask)
-        y = causal_lm_labels(input_ids, attention_mask, prompt_lengths)
-        loss = causal_lm_loss(wrapped(x), y)
+        y = causal_lm_labels(input_ids, attention_mask, prompt_lengths=[1, 2])
+        logits = wrapped(x)
+        assert logits.shape == (2, 4, 50)  # (B, L, vocab)
+        loss = causal_lm_loss(logits, y)   # mean over the 4 completion tokens
         ```
     """
 
@@ -203,9 +231,12 @@ def causal_lm_labels(
 
     Example:
         ```python
+        import torch
+        from pydvl_datainf.hf import causal_lm_labels
+
         ids = torch.tensor([[7, 8, 9, 0]])
-        causal_lm_labels(ids, (ids != 0).long(), [1])
-        # tensor([[-100, 8, 9, -100]])
+        labels = causal_lm_labels(ids, (ids != 0).long(), [1])
+        assert labels.tolist() == [[-100, 8, 9, -100]]  # prompt, padding ignored
         ```
     """
     labels = input_ids.clone().long()
@@ -239,8 +270,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Example:
         ```python
-        logits = wrapped(pack_inputs(input_ids, attention_mask))
-        loss = causal_lm_loss(logits, causal_lm_labels(input_ids, attention_mask))
+        import torch
+        from pydvl_datainf.hf import causal_lm_labels, causal_lm_loss
+
+        input_ids = torch.tensor([[1, 2, 3]])
+        logits = torch.zeros(1, 3, 4)  # uniform over a vocabulary of 4
+        loss = causal_lm_loss(logits, causal_lm_labels(input_ids))
+        assert torch.isclose(loss, torch.log(torch.tensor(4.0)))
         ```
     """
     shift_logits = logits[..., :-1, :]

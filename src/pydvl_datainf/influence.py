@@ -704,10 +704,21 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
         Example:
             ```python
+            import torch
+            from torch.utils.data import DataLoader, TensorDataset
+            from pydvl_datainf import DataInfInfluence
+
+            torch.manual_seed(0)
+            model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+            x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+            loader = DataLoader(TensorDataset(x, y), batch_size=16)
             infl = DataInfInfluence(model, loss, store="zarr",
                                     store_path="grads.zarr").fit(loader)
-            # later, in another process
-            infl = DataInfInfluence.from_store(model, loss, "grads.zarr")
+            # later, in another process, with the same weights
+            again = DataInfInfluence.from_store(model, loss, "grads.zarr")
+            assert again.n_train == 40
+            assert torch.equal(again.train_influences(x[:2], y[:2]),
+                               infl.train_influences(x[:2], y[:2]))
             ```
         """
         zs = (

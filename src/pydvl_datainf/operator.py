@@ -286,10 +286,23 @@ class DataInfOperator:
 
     Example:
         ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence
+        from pydvl_datainf.operator import DataInfOperator
+
+        model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+        x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+        infl = DataInfInfluence(model, loss).fit(DataLoader(TensorDataset(x, y), 10))
         op = DataInfOperator(infl.state)
+        test_grads = infl.per_sample_gradients(x[:2], y[:2])
         f = op.apply(test_grads)        # {block: (m, d_l)}, R g_test
         scores = op.scores(f)           # (m, n), pyDVL sign
         s = op.self_scores()            # (n,), g_i^T R g_i
+        assert scores.shape == (2, 30) and s.shape == (30,)
+        assert torch.allclose(scores, infl.train_influences(x[:2], y[:2]))
+        assert torch.allclose(scores.diagonal(), s[:2], rtol=1e-4)
+        assert (s > 0).all()            # self-influence is positive
         ```
     """
 
@@ -475,7 +488,18 @@ class DataInfOperator:
 
         Example:
             ```python
+            import torch
+            from pydvl_datainf.operator import DataInfOperator
+            from pydvl_datainf.state import FittedState
+
+            g_train = torch.randn(50, 6, dtype=torch.float64)
+            op = DataInfOperator(FittedState.from_gradients({"w": g_train}, 0.5))
+            g_test = torch.randn(2, 6, dtype=torch.float64)
             factors = op.apply({"w": g_test})  # R g_test
+            # R_l is a mean of inverses of rank-one updates of lambda * I
+            r = sum(torch.linalg.inv(0.5 * torch.eye(6) + torch.outer(g, g))
+                    for g in g_train.double()) / 50
+            assert torch.allclose(factors["w"], g_test @ r)
             ```
         """
         parts = self.partitions()

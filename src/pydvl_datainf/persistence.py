@@ -72,7 +72,15 @@ def identity(state: FittedState, **extra: Any) -> Dict[str, Any]:
 
     Example:
         ```python
-        attrs.update(identity(infl.state, n_test=10, test_digest=digest))
+        import torch
+        from pydvl_datainf.persistence import identity
+        from pydvl_datainf.state import FittedState
+
+        state = FittedState.from_gradients({"w": torch.ones(4, 3)}, 0.5)
+        attrs = identity(state, n_test=10)
+        assert attrs["n_train"] == 4 and attrs["n_test"] == 10
+        assert attrs["regularization"] == {"w": 0.5}
+        assert attrs["norm_sums"] == {"w": 12.0}
         ```
     """
     out: Dict[str, Any] = {

@@ -57,8 +57,11 @@ class FittedState:
         import torch
         from pydvl_datainf.state import FittedState
 
-        state = FittedState.from_gradients({"w": torch.randn(10, 3)})
-        state.n, list(state.regularization)  # (10, ['w'])
+        g = torch.randn(10, 3)
+        state = FittedState.from_gradients({"w": g})
+        assert state.n == 10 and list(state.regularization) == ["w"]
+        # "auto": lambda = 0.1 * mean squared norm / d
+        assert abs(state.regularization["w"] - 0.1 * g.pow(2).sum(1).mean() / 3) < 1e-6
         ```
     """
 

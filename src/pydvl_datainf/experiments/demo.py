@@ -118,7 +118,16 @@ def plot(
 
     Example:
         ```python
-        plot({"DataInf": h1, "Hessian-free": h2}, flipped, Path("roc.png"))
+        from pathlib import Path
+        import numpy as np
+        from pydvl_datainf.experiments.demo import plot
+
+        rng = np.random.default_rng(0)
+        flipped = np.arange(100) < 20
+        h1 = rng.normal(size=100) + 2 * flipped  # higher for the flipped points
+        h2 = rng.normal(size=100) + flipped
+        png = plot({"DataInf": h1, "Hessian-free": h2}, flipped, Path("roc.png"))
+        assert png.stat().st_size > 0
         ```
     """
     import matplotlib
@@ -166,9 +175,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     Example:
         ```python
+        from transformers import BertConfig, BertForSequenceClassification
         from pydvl_datainf.experiments import demo
-        res = demo.main(["--n-train", "200", "--n-test", "50", "--no-progress"])
-        res["auc_datainf"]
+        from pydvl_datainf.experiments.finetune import load_tokenizer
+
+        # `--model`: a classifier of your own, as a Hugging Face folder; here a tiny
+        # random BERT with MiniLM's tokenizer (the default is the packaged MiniLM)
+        load_tokenizer().save_pretrained("tiny-bert")
+        BertForSequenceClassification(BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, num_labels=2,
+        )).save_pretrained("tiny-bert")
+        res = demo.main(["--model", "tiny-bert", "--n-train", "40", "--n-test", "10",
+                         "--epochs", "1", "--max-length", "16", "--rank", "2",
+                         "--no-progress", "--out", "demo-out"])
+        assert 0 <= res["auc_datainf"] <= 1 and res["plot"].endswith(".png")
         ```
     """
     ap = _parser()

@@ -21,6 +21,7 @@ alone (as in the paper).
 
 Example:
     ```python
+    import torch
     from pydvl_datainf.experiments.finetune import (
         encode, freeze_all_but_lora, load_tokenizer, lora_classifier,
         train_classifier,
@@ -30,8 +31,9 @@ Example:
     x = encode(tok, ["free prize, text now", "see you at lunch"], max_length=32)
     y = torch.tensor([1, 0])
     model = lora_classifier(num_labels=2, rank=4, seed=0)
-    train_classifier(model, x, y, epochs=1, progress=False)
-    freeze_all_but_lora(model)
+    losses = train_classifier(model, x, y, epochs=1, progress=False)
+    trainable = freeze_all_but_lora(model)
+    assert len(losses) == 1 and len(trainable) == 24  # A and B, q and v, 6 layers
     ```
 """
 
@@ -81,7 +83,9 @@ def minilm_path() -> Path:
 
     Example:
         ```python
-        (minilm_path() / "config.json").exists()  # True
+        from pydvl_datainf.experiments.finetune import minilm_path
+
+        assert (minilm_path() / "config.json").exists()
         ```
     """
     try:
@@ -114,8 +118,10 @@ def load_tokenizer(
 
     Example:
         ```python
+        from pydvl_datainf.experiments.finetune import load_tokenizer
+
         tok = load_tokenizer()
-        tok("hello world")["input_ids"]  # [101, 7592, 2088, 102]
+        assert tok("hello world")["input_ids"] == [101, 7592, 2088, 102]
         ```
     """
     from transformers import AutoTokenizer
@@ -151,8 +157,21 @@ class PaddingTrimmedClassifier(SequenceClassifierWrapper):
 
     Example:
         ```python
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.experiments.finetune import PaddingTrimmedClassifier
+        from pydvl_datainf.hf import SequenceClassifierWrapper, pack_inputs
+
+        hf_model = BertForSequenceClassification(BertConfig(
+            vocab_size=100, hidden_size=16, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=32, num_labels=2,
+        )).eval()
+        input_ids = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 9, 0, 0, 0, 0]])
+        attention_mask = (input_ids != 0).long()
+        x = pack_inputs(input_ids, attention_mask)
         model = PaddingTrimmedClassifier(hf_model)
-        logits = model(pack_inputs(input_ids, attention_mask))
+        logits = model(x)  # runs on the first 3 columns only
+        assert torch.allclose(logits, SequenceClassifierWrapper(hf_model)(x), atol=1e-5)
         ```
     """
 
@@ -204,8 +223,15 @@ def lora_classifier(
 
     Example:
         ```python
+        from pydvl_datainf.experiments.finetune import (
+            encode, load_tokenizer, lora_classifier,
+        )
+
         model = lora_classifier(num_labels=5, rank=8, seed=0)
-        logits = model(encode(load_tokenizer(), ["some news"], 64))  # (1, 5)
+        logits = model(encode(load_tokenizer(), ["some news"], 64))
+        assert logits.shape == (1, 5)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        print(len(trainable))  # the LoRA matrices and the new head
         ```
     """
     import transformers
@@ -276,8 +302,11 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> torch.Tenso
 
     Example:
         ```python
+        from pydvl_datainf.experiments.finetune import encode, load_tokenizer
+
         x = encode(load_tokenizer(), ["a b c", "d"], max_length=8)
-        x.shape  # torch.Size([2, 2, 5])
+        assert x.shape == (2, 2, 5)  # [CLS] a b c [SEP]; [CLS] d [SEP] + padding
+        assert x[1, 1].tolist() == [1, 1, 1, 0, 0]  # the attention mask
         ```
     """
     enc = tokenizer(
@@ -318,8 +347,15 @@ def sort_by_length(x: torch.Tensor) -> torch.Tensor:
 
     Example:
         ```python
+        import torch
+        from pydvl_datainf.experiments.finetune import sort_by_length
+        from pydvl_datainf.hf import pack_inputs
+
+        mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+        x, y = pack_inputs(torch.ones_like(mask), mask), torch.tensor([0, 1, 2])
         order = sort_by_length(x)
         x, y = x[order], y[order]
+        assert y.tolist() == [1, 2, 0]  # 1, 2 and 3 real tokens
         ```
     """
     return torch.argsort(unpack_inputs(x)[1].sum(dim=1), stable=True)
@@ -358,7 +394,22 @@ def train_classifier(
 
     Example:
         ```python
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.experiments.finetune import lora_classifier, train_classifier
+
+        tiny_bert = BertForSequenceClassification(BertConfig(
+            vocab_size=100, hidden_size=16, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=32, num_labels=2,
+        ))
+        model = lora_classifier(num_labels=2, rank=2, base_model=tiny_bert)
+        from pydvl_datainf.hf import pack_inputs
+
+        ids = torch.randint(1, 100, (8, 6))
+        x = pack_inputs(ids, torch.ones_like(ids))
+        y = torch.tensor([0, 1] * 4)
         losses = train_classifier(model, x, y, epochs=2, progress=False)
+        assert len(losses) == 2  # mean training loss per epoch
         ```
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -401,7 +452,23 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Te
 
     Example:
         ```python
-        labels = predict(model, x).argmax(1)
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.experiments.finetune import lora_classifier, predict
+
+        tiny_bert = BertForSequenceClassification(BertConfig(
+            vocab_size=100, hidden_size=16, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=32, num_labels=2,
+        ))
+        model = lora_classifier(num_labels=2, rank=2, base_model=tiny_bert)
+        from pydvl_datainf.hf import pack_inputs
+
+        ids = torch.randint(1, 100, (8, 6))
+        x = pack_inputs(ids, torch.ones_like(ids))
+        y = torch.tensor([0, 1] * 4)
+        mode = model.training
+        labels = predict(model, x, batch_size=3).argmax(1)  # in eval mode
+        assert labels.shape == (8,) and model.training == mode  # mode restored
         ```
     """
     was = model.training
@@ -421,7 +488,24 @@ def accuracy(
 
     Example:
         ```python
-        accuracy(model, x_test, y_test)  # e.g. 0.96
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.experiments.finetune import (
+            accuracy, lora_classifier, predict,
+        )
+
+        tiny_bert = BertForSequenceClassification(BertConfig(
+            vocab_size=100, hidden_size=16, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=32, num_labels=2,
+        ))
+        model = lora_classifier(num_labels=2, rank=2, base_model=tiny_bert)
+        from pydvl_datainf.hf import pack_inputs
+
+        ids = torch.randint(1, 100, (8, 6))
+        x = pack_inputs(ids, torch.ones_like(ids))
+        y = torch.tensor([0, 1] * 4)
+        acc = accuracy(model, x, y)
+        assert acc == (predict(model, x).argmax(1) == y).float().mean()
         ```
     """
     pred = predict(model, x, batch_size).argmax(1)
@@ -433,7 +517,20 @@ def lora_parameter_names(model: nn.Module) -> List[str]:
 
     Example:
         ```python
-        len(lora_parameter_names(lora_classifier(2, rank=8)))  # 24
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.experiments.finetune import (
+            lora_classifier, lora_parameter_names,
+        )
+
+        tiny_bert = BertForSequenceClassification(BertConfig(
+            vocab_size=100, hidden_size=16, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=32, num_labels=2,
+        ))
+        model = lora_classifier(num_labels=2, rank=2, base_model=tiny_bert)
+
+        names = lora_parameter_names(model)
+        assert len(names) == 4  # lora_A and lora_B of query and value, one layer
         ```
     """
     return [
@@ -454,7 +551,21 @@ def freeze_all_but_lora(model: nn.Module) -> List[str]:
 
     Example:
         ```python
-        names = freeze_all_but_lora(model)
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.experiments.finetune import (
+            freeze_all_but_lora, lora_classifier, lora_parameter_names,
+        )
+
+        tiny_bert = BertForSequenceClassification(BertConfig(
+            vocab_size=100, hidden_size=16, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=32, num_labels=2,
+        ))
+        model = lora_classifier(num_labels=2, rank=2, base_model=tiny_bert)
+
+        names = freeze_all_but_lora(model)  # the new head is frozen too
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert names == trainable == lora_parameter_names(model)
         ```
     """
     keep = set(lora_parameter_names(model))
@@ -470,7 +581,15 @@ def set_seed(seed: int) -> None:
 
     Example:
         ```python
+        import numpy as np
+        import torch
+        from pydvl_datainf.experiments.finetune import set_seed
+
         set_seed(0)
+        a = torch.rand(2), np.random.rand()
+        set_seed(0)
+        b = torch.rand(2), np.random.rand()
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
         ```
     """
     torch.manual_seed(seed)

@@ -19,7 +19,10 @@ Example:
     from pydvl_datainf.experiments.generative_tasks import math_problems
 
     task = math_problems(5, reasoning=True, seed=0)
-    task.prompts[0], task.targets[0]
+    assert len(task) == 5 * 10  # five problems for each of ten templates
+    print(task.prompts[0] + task.targets[0])
+    # ... How many apples now?
+    # Answer: 43 + 33 = 76. The answer is 76.
     ```
 """
 
@@ -145,7 +148,9 @@ def headline_sentences(min_words: int = 4, max_words: int = 6) -> List[str]:
 
     Example:
         ```python
-        headline_sentences()[0]  # 'ad sales boost time warner profit'
+        from pydvl_datainf.experiments.generative_tasks import headline_sentences
+
+        assert headline_sentences()[0] == "ad sales boost time warner profit"
         ```
     """
     pattern = re.compile(rf"[a-z]+( [a-z]+){{{min_words - 1},{max_words - 1}}}")
@@ -195,7 +200,15 @@ def sentence_transformations(
 
     Example:
         ```python
-        task = sentence_transformations(3, sentences=["the cat sat down"])
+        from pydvl_datainf.experiments.generative_tasks import sentence_transformations
+
+        task = sentence_transformations(
+            2, classes=["reverse words", "uppercase"],
+            sentences=["the cat sat down", "a dog ran off"],
+        )
+        assert task.class_names == ["reverse words", "uppercase"]
+        assert sorted(task.targets[:2]) == [" down sat cat the", " off ran dog a"]
+        print(task.prompts[0])  # Reverse the order of the words: ...
         ```
     """
     names = _check_sizes(n_per_class, classes, list(TRANSFORMATIONS))
@@ -347,7 +360,13 @@ def math_problems(
 
     Example:
         ```python
-        task = math_problems(2, reasoning=True)
+        from pydvl_datainf.experiments.generative_tasks import math_problems
+
+        task = math_problems(2, reasoning=True, classes=["buy more"])
+        assert len(task) == 2 and task.targets[0].endswith(".")  # " a + b = c. ..."
+        plain = math_problems(2, reasoning=False, classes=["buy more"])
+        assert plain.prompts == task.prompts  # same seed: same problems
+        assert task.targets[0].endswith(f"The answer is{plain.targets[0]}.")
         ```
     """
     names = _check_sizes(n_per_class, classes, list(MATH_TEMPLATES))
@@ -377,7 +396,14 @@ def split_per_class(
 
     Example:
         ```python
+        import numpy as np
+        from pydvl_datainf.experiments.generative_tasks import (
+            math_problems, split_per_class,
+        )
+
         train, test = split_per_class(math_problems(100), 10)
+        assert len(train) == 900 and len(test) == 100  # ten classes
+        assert (np.bincount(test.classes) == 10).all()
         ```
     """
     test = np.concatenate(

@@ -21,12 +21,21 @@ detection ranks by [harm][pydvl_datainf.experiments.pipelines.harm].
 Example:
     ```python
     from pydvl_datainf.experiments.baselines import detection_metrics
+    from transformers import BertConfig, BertForSequenceClassification
     from pydvl_datainf.experiments.pipelines import compare_methods, harm, mislabel_task
 
-    task = mislabel_task("sms", n_train=400, n_test=100, seed=0)
-    result = compare_methods(task)
+    # MiniLM by default; here a tiny random BERT (with MiniLM's tokenizer)
+    tiny_bert = BertForSequenceClassification(BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=2,
+    ))
+    task = mislabel_task("sms", n_train=40, n_test=10, model=tiny_bert, rank=2,
+                         epochs=1, max_length=16, progress=False)
+    result = compare_methods(task, ["datainf", "exact", "hessian_free"],
+                             progress=False)
     for name, scores in result.scores.items():
         print(name, detection_metrics(harm(scores), task.flipped))
+    assert result.scores["datainf"].shape == (10, 40)
     ```
 """
 
@@ -158,7 +167,19 @@ class FineTunedTask:
 
         Example:
             ```python
-            mine = task.to_user_order(harm(result.scores["datainf"]))
+            from transformers import BertConfig, BertForSequenceClassification
+            from pydvl_datainf.experiments.pipelines import mislabel_task
+
+            # MiniLM by default; here a tiny random BERT (with MiniLM's tokenizer)
+            tiny_bert = BertForSequenceClassification(BertConfig(
+                hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32, num_labels=2,
+            ))
+            task = mislabel_task("sms", n_train=40, n_test=10, model=tiny_bert, rank=2,
+                                 epochs=1, max_length=16, progress=False)
+            # rows are sorted by length; back to the order of the training texts
+            mine = task.to_user_order(task.train.row_ids)
+            assert (mine == task.user_rows()).all() and (mine[:-1] < mine[1:]).all()
             ```
         """
         values = np.asarray(values)
@@ -283,9 +304,20 @@ def finetune_task(
 
     Example:
         ```python
-        from pydvl_datainf.experiments.datasets import templated_tasks, split
-        train, test = split(templated_tasks(40), 240, 80)
-        task = finetune_task(train, test, rank=4, epochs=2)
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.experiments.datasets import split, templated_tasks
+        from pydvl_datainf.experiments.pipelines import finetune_task
+
+        train, test = split(templated_tasks(10), 60, 20)
+        # MiniLM by default; here a tiny random BERT (with MiniLM's tokenizer)
+        tiny_bert = BertForSequenceClassification(BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, num_labels=2,
+        ))
+        task = finetune_task(train, test, model=tiny_bert, rank=2, epochs=1,
+                             max_length=16, progress=False)
+        assert len(task.x_train) == 60 and task.flipped.sum() == 0  # no flip asked
+        print(task.test_accuracy, task.losses)
         ```
     """
     if list(test.class_names) != list(train.class_names):
@@ -404,7 +436,19 @@ def mislabel_task(
 
     Example:
         ```python
-        task = mislabel_task("bbc", 600, 150, seed=1, max_length=48)
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.experiments.pipelines import mislabel_task
+
+        # MiniLM by default; here a tiny random BERT (with MiniLM's tokenizer)
+        tiny_bert = BertForSequenceClassification(BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, num_labels=2,
+        ))
+        task = mislabel_task("sms", n_train=40, n_test=10, model=tiny_bert, rank=2,
+                             epochs=1, max_length=16, progress=False)
+        assert len(task.x_train) == 40 and len(task.x_test) == 10
+        assert task.flipped.sum() == 8  # 20% of the training labels flipped
+        assert (task.y_train.numpy() != task.train.labels).sum() == 8
         ```
     """
     if isinstance(dataset, str):
@@ -458,8 +502,20 @@ def fit_datainf(
 
     Example:
         ```python
-        infl = fit_datainf(task)
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.experiments.pipelines import fit_datainf, mislabel_task
+
+        # MiniLM by default; here a tiny random BERT (with MiniLM's tokenizer)
+        tiny_bert = BertForSequenceClassification(BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, num_labels=2,
+        ))
+        task = mislabel_task("sms", n_train=40, n_test=10, model=tiny_bert, rank=2,
+                             epochs=1, max_length=16, progress=False)
+        infl = fit_datainf(task, progress=False)
         scores = infl.train_influences(task.x_test, task.y_test)
+        assert scores.shape == (10, 40)
+        assert len(infl.block_names) == 4  # lora_A and lora_B of query and value
         ```
     """
     infl = DataInfInfluence(
@@ -482,7 +538,25 @@ def lora_groups(model: nn.Module) -> OrderedDict[str, List[str]]:
 
     Example:
         ```python
-        g_lora = merge_blocks(g_module, lora_groups(task.model))
+        import torch
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf import build_blocks
+        from pydvl_datainf.experiments.baselines import merge_blocks
+        from pydvl_datainf.experiments.finetune import (
+            freeze_all_but_lora, lora_classifier,
+        )
+        from pydvl_datainf.experiments.pipelines import lora_groups
+
+        model = lora_classifier(2, rank=2, base_model=BertForSequenceClassification(
+            BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=2)))
+        freeze_all_but_lora(model)
+        groups = lora_groups(model)
+        assert len(groups) == 2 and all(len(m) == 2 for m in groups.values())
+        modules = build_blocks(model, "module")
+        g_module = {k: torch.randn(3, d) for k, d in zip(modules.names, modules.sizes)}
+        g_lora = merge_blocks(g_module, groups)
+        assert [g.shape[1] for g in g_lora.values()] == [64, 64]  # 2 x (2*16 + 16*2)
         ```
     """
     module = build_blocks(model, "module").to_dict()
@@ -574,8 +648,20 @@ def compare_methods(
 
     Example:
         ```python
-        result = compare_methods(task, ["datainf", "exact", "hessian_free"])
-        result.scores["exact"].shape  # (n_test, n_train)
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.experiments.pipelines import compare_methods, mislabel_task
+
+        # MiniLM by default; here a tiny random BERT (with MiniLM's tokenizer)
+        tiny_bert = BertForSequenceClassification(BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, num_labels=2,
+        ))
+        task = mislabel_task("sms", n_train=40, n_test=10, model=tiny_bert, rank=2,
+                             epochs=1, max_length=16, progress=False)
+        result = compare_methods(task, ["datainf", "exact", "hessian_free"],
+                                 progress=False)
+        assert result.scores["exact"].shape == (10, 40)  # (n_test, n_train)
+        assert set(result.seconds) == {"datainf", "exact", "hessian_free"}
         ```
     """
     unknown = [m for m in methods if m not in METHODS]
@@ -660,7 +746,14 @@ def block_regularization(
 
     Example:
         ```python
-        lam = block_regularization(g_train, "auto", 0.1)
+        import torch
+        from pydvl_datainf.experiments.pipelines import block_regularization
+
+        g_train = {"a": torch.ones(4, 2), "b": 2 * torch.ones(4, 8)}
+        lam = block_regularization(g_train, "auto", 0.1)  # c * mean |g|^2 / d
+        assert lam == {"a": 0.1 * 2 / 2, "b": 0.1 * 32 / 8}
+        one = block_regularization(g_train, "global", 0.1)  # over all parameters
+        assert one["a"] == one["b"] == 0.1 * (2 + 32) / 10
         ```
     """
     sizes = OrderedDict((k, int(g.shape[1])) for k, g in train.items())
@@ -698,8 +791,26 @@ def point_scores(
 
     Example:
         ```python
-        s = point_scores(task, g_train, result.regularization)
-        detection_metrics(s["training_loss"], task.flipped)
+        from pydvl_datainf.experiments.baselines import (
+            detection_metrics, training_gradients,
+        )
+        from transformers import BertConfig, BertForSequenceClassification
+        from pydvl_datainf.experiments.pipelines import (
+            fit_datainf, mislabel_task, point_scores,
+        )
+
+        # MiniLM by default; here a tiny random BERT (with MiniLM's tokenizer)
+        tiny_bert = BertForSequenceClassification(BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, num_labels=2,
+        ))
+        task = mislabel_task("sms", n_train=40, n_test=10, model=tiny_bert, rank=2,
+                             epochs=1, max_length=16, progress=False)
+        infl = fit_datainf(task, progress=False)
+        g_train = training_gradients(infl)
+        s = point_scores(task, g_train, infl.block_regularization)
+        assert set(s) == {"training_loss", "el2n", "gradient_norm", "self_influence"}
+        print(detection_metrics(s["training_loss"], task.flipped))
         ```
     """
     unknown = [m for m in methods if m not in POINT_METHODS]
@@ -734,7 +845,14 @@ def harm(scores: np.ndarray) -> np.ndarray:
 
     Example:
         ```python
-        suspects = np.argsort(-harm(result.scores["datainf"]))[:10]
+        import numpy as np
+        from pydvl_datainf.experiments.pipelines import harm
+
+        scores = np.array([[1.0, -2.0, 0.5],   # (n_test, n_train), pyDVL sign
+                           [3.0, -4.0, 0.5]])
+        assert harm(scores).tolist() == [-2.0, 3.0, -0.5]
+        suspects = np.argsort(-harm(scores))[:1]
+        assert suspects.tolist() == [1]  # hurts every test point
         ```
     """
     return -np.asarray(scores, dtype=np.float64).mean(axis=0)
@@ -750,7 +868,18 @@ def summary_rows(
 
     Example:
         ```python
-        rows = summary_rows(result, task.flipped, extra={"seed": 0})
+        import numpy as np
+        from pydvl_datainf.experiments.pipelines import MethodComparison, summary_rows
+
+        flipped = np.array([1, 0, 0, 0, 0])
+        result = MethodComparison(
+            scores={"datainf": np.array([[-3.0, 1.0, 0.0, 2.0, 1.0]])},
+            seconds={"datainf": 0.5}, gradient_seconds=1.0,
+            regularization={}, block_sizes={},
+        )
+        rows = summary_rows(result, flipped, extra={"seed": 0})
+        assert rows == [{"seed": 0, "method": "DataInf", "auc": 1.0,
+                         "recall_top": 1.0, "seconds": 0.5}]
         ```
     """
     rows: List[Dict[str, object]] = []

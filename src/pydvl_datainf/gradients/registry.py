@@ -44,9 +44,12 @@ def register_engine(
 
     Example:
         ```python
-        from pydvl_datainf.gradients import LoopGradientEngine, register_engine
+        from pydvl_datainf.gradients import (
+            LoopGradientEngine, get_engine, register_engine,
+        )
 
         register_engine("slow", LoopGradientEngine)
+        assert isinstance(get_engine("slow"), LoopGradientEngine)
         ```
     """
     if name == "auto":

@@ -81,8 +81,18 @@ def check_test_order(data: Any) -> None:
 
     Example:
         ```python
-        check_test_order(DataLoader(ds, batch_size=32))  # fine
-        check_test_order(DataLoader(ds, shuffle=True))   # raises
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf.scoring.inputs import ShuffledTestDataError, check_test_order
+
+        ds = TensorDataset(torch.randn(8, 2), torch.zeros(8))
+        check_test_order(DataLoader(ds, batch_size=4))  # fine
+        try:
+            check_test_order(DataLoader(ds, shuffle=True))
+        except ShuffledTestDataError as e:
+            print(e)  # names the sampler and the fix
+        else:
+            raise AssertionError("a shuffling loader was accepted")
         ```
     """
     if isinstance(data, DataLoader):

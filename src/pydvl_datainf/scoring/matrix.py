@@ -41,13 +41,20 @@ ones are recomputed.
 
 Example:
     ```python
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
     from pydvl_datainf import DataInfInfluence, influence_matrix, top_k
 
+    model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+    x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
+    train_loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    test_loader = DataLoader(TensorDataset(x[:5], y[:5]), batch_size=5)
     infl = DataInfInfluence(model, loss, store="zarr",
                             store_path="grads.zarr").fit(train_loader)
     result = influence_matrix(infl, test_loader, "influences.zarr")
     # killed? run the same line with resume=True
     best = top_k(result, k=10)          # most helpful training rows per test point
+    assert result.array.shape == (5, 60) and best.indices.shape == (5, 10)
     ```
 """
 
@@ -106,8 +113,17 @@ class MatrixResult:
 
     Example:
         ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence, influence_matrix
+
+        model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+        x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+        infl = DataInfInfluence(model, loss).fit(DataLoader(TensorDataset(x, y), 10))
+        x_test, y_test = x[:4], y[:4]
         result = influence_matrix(infl, (x_test, y_test), "infl.zarr")
         small = result.load()        # the whole matrix as a tensor, checked
+        assert torch.allclose(small, infl.train_influences(x_test, y_test))
         ```
     """
 
@@ -249,7 +265,8 @@ def influence_matrix(
         client: a `distributed.Client`: factor passes and tiles run as Dask
             tasks, which read the training gradients from the model's Zarr
             store and write tiles into `path` (both must be reachable by the
-            workers). Results are bit-identical to a local run.
+            workers). Results are bit-identical to a local run when client and
+            workers compute alike (device, torch build, torch threads).
         partitions: fixed partitions of the training chunks for the factor
             pass (default 8; results depend on it at the level of rounding,
             never on the number of workers).
@@ -272,10 +289,18 @@ def influence_matrix(
 
     Example:
         ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence, influence_matrix
+
+        model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+        x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+        infl = DataInfInfluence(model, loss).fit(DataLoader(TensorDataset(x, y), 10))
+        x_test, y_test = x[:4], y[:4]
         result = influence_matrix(infl, (x_test, y_test), "infl.zarr")
-        result.array.shape  # (len(x_test), infl.n_train)
+        assert result.array.shape == (len(x_test), infl.n_train)
         result = influence_matrix(infl, (x_test, y_test), "infl.zarr", resume=True)
-        result.tiles_computed  # 0: nothing left to do
+        assert result.tiles_computed == 0  # nothing left to do
         ```
     """
     if resume and overwrite:

@@ -7,11 +7,23 @@ tiles whatever $n_{train}$.
 
 Example:
     ```python
-    from pydvl_datainf import top_k, self_influence, mean_test_influence
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from pydvl_datainf import (
+        DataInfInfluence, mean_test_influence, self_influence, top_k)
+
+    model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    infl = DataInfInfluence(model, loss).fit(DataLoader(TensorDataset(x, y), 16))
+    x_test, y_test = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    val_loader = DataLoader(TensorDataset(x_test, y_test), batch_size=4)
 
     best = top_k(infl, 10, (x_test, y_test))       # computed on the fly
     s = self_influence(infl)                       # g_i^T R g_i, (n,)
     scores = mean_test_influence(infl, val_loader) # rank by -scores
+    full = infl.train_influences(x_test, y_test)   # (8, 50), for comparison
+    assert torch.allclose(best.values, full.topk(10).values)
+    assert torch.allclose(scores, full.mean(0), atol=1e-6)
     ```
 """
 
@@ -46,8 +58,12 @@ class TopK:
 
     Example:
         ```python
-        best = top_k(result, 3)
-        best.indices[0], best.values[0]  # 3 most helpful rows for test point 0
+        import torch
+        from pydvl_datainf.scoring.reductions import TopK
+
+        best = TopK(values=torch.tensor([[3.0, 2.0]]), indices=torch.tensor([[7, 1]]))
+        rows, values = best.indices[0], best.values[0]  # for test point 0
+        assert rows.tolist() == [7, 1]                  # the most helpful first
         ```
     """
 
@@ -130,9 +146,21 @@ def top_k(
 
     Example:
         ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence, influence_matrix, top_k
+
+        model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+        x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+        infl = DataInfInfluence(model, loss).fit(DataLoader(TensorDataset(x, y), 16))
+        x_test, y_test = x[:3], y[:3]
+        result = influence_matrix(infl, (x_test, y_test), "infl.zarr")
+
         helpful = top_k(result, 5)                  # from a stored matrix
         harmful = top_k(infl, 5, (x_test, y_test), largest=False)  # on the fly
-        helpful.indices[0]  # training rows most helpful to test point 0
+        print(helpful.indices[0])  # training rows most helpful to test point 0
+        assert torch.equal(top_k(infl, 5, (x_test, y_test)).indices, helpful.indices)
+        assert (harmful.values[:, :1] <= helpful.values[:, -1:]).all()
         ```
     """
     if k <= 0:
@@ -245,8 +273,16 @@ def self_influence(
 
     Example:
         ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence, self_influence
+
+        model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+        x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+        infl = DataInfInfluence(model, loss).fit(DataLoader(TensorDataset(x, y), 16))
         s = self_influence(infl)
-        suspicious = torch.topk(s, 20).indices  # unusually self-influential rows
+        suspicious = torch.topk(s, 5).indices  # unusually self-influential rows
+        assert torch.allclose(s, infl.influences(x, y, x, y).diagonal(), rtol=1e-4)
         ```
     """
     state = influence.state
@@ -287,8 +323,19 @@ def mean_test_influence(
 
     Example:
         ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence, mean_test_influence
+
+        model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+        x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+        infl = DataInfInfluence(model, loss).fit(DataLoader(TensorDataset(x, y), 16))
+        x_val, y_val = torch.randn(10, 4), torch.randint(0, 3, (10,))
+        val_loader = DataLoader(TensorDataset(x_val, y_val), batch_size=4)
         scores = mean_test_influence(infl, val_loader)
-        likely_mislabeled = torch.argsort(scores)[:50]  # most harmful first
+        likely_mislabeled = torch.argsort(scores)[:5]  # most harmful first
+        mean_row = infl.train_influences(x_val, y_val).mean(0)
+        assert torch.allclose(scores, mean_row, atol=1e-6)
         ```
     """
     state = influence.state

@@ -183,9 +183,20 @@ class TileOutput:
 
     Example:
         ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence, influence_matrix
+        from pydvl_datainf.scoring.tiles import TileOutput
+
+        model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+        x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+        infl = DataInfInfluence(model, loss).fit(DataLoader(TensorDataset(x, y), 10))
+        influence_matrix(infl, (x[:4], y[:4]), "infl.zarr", test_rows=2)
+
         out = TileOutput.open("infl.zarr")
-        out.layout.n_tiles, out.is_complete
+        assert out.layout.n_tiles == 2 and out.is_complete
         block = out.read(0, 0)     # tile (0, 0), checked
+        assert block.shape == (2, 30)
         ```
     """
 

@@ -8,7 +8,7 @@ Example:
     store = AutoGradientStore(["w"], 100, lambda: ZarrGradientStore("g.zarr", ["w"]))
     store.append({"w": torch.randn(10, 4)})  # 160 bytes > 100: spills
     store.finalize()
-    type(store.resolved).__name__  # 'ZarrGradientStore'
+    assert type(store.resolved).__name__ == "ZarrGradientStore"
     ```
 """
 
@@ -43,9 +43,17 @@ class AutoGradientStore(GradientStore):
 
     Example:
         ```python
+        import os
+        import torch
+        from pydvl_datainf.storage import AutoGradientStore, ZarrGradientStore
+
         store = AutoGradientStore(
             ["w"], 10**9, lambda: ZarrGradientStore("grads.zarr", ["w"])
         )
+        store.append({"w": torch.randn(10, 4)})  # well under the budget
+        store.finalize()
+        assert type(store.resolved).__name__ == "MemoryGradientStore"
+        assert not os.path.exists("grads.zarr")  # never created
         ```
     """
 

@@ -13,7 +13,7 @@ Example:
     with MemoryGradientStore(["a", "b"]) as store:
         store.append({"a": torch.ones(2, 3), "b": torch.zeros(2, 1)})
         store.finalize()
-        store.n  # 2
+        assert store.n == 2
     ```
 """
 
@@ -111,8 +111,16 @@ class FitState:
 
     Example:
         ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence, ZarrGradientStore
+
+        model, loss = torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy
+        x, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+        DataInfInfluence(model, loss, store="zarr", store_path="grads.zarr",
+                         regularization=0.5).fit(DataLoader(TensorDataset(x, y), 8))
         state = ZarrGradientStore.open("grads.zarr").load_fit_state()
-        state.n_train, state.regularization
+        assert state.n_train == 20 and state.regularization == {"": 0.5}
         ```
     """
 
@@ -141,8 +149,15 @@ class GradientStore(ABC):
 
     Example:
         ```python
-        for index, start, grads in store.iter_chunks(1024):
-            grads["l1.lora_A"].shape  # (<=1024, d_l), rows start..start+1023
+        import torch
+        from pydvl_datainf.storage import MemoryGradientStore
+
+        store = MemoryGradientStore(["w"])
+        store.append({"w": torch.arange(10.0).reshape(5, 2)})
+        store.finalize()
+        for index, start, grads in store.iter_chunks(2):
+            print(index, start, grads["w"].shape)  # (<=2, d_l), rows start..start+1
+        assert [s for _, s, _ in store.iter_chunks(2)] == [0, 2, 4]
         ```
     """
 

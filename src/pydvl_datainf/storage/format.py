@@ -22,9 +22,9 @@ Example:
     ```python
     from pydvl_datainf.storage.format import claim_path, inspect_path
 
-    inspect_path("out.zarr").state  # "absent"
+    assert inspect_path("out.zarr").state == "absent"
     group = claim_path("out.zarr", "influence_matrix")
-    inspect_path("out.zarr", kind="influence_matrix").state  # "owned"
+    assert inspect_path("out.zarr", kind="influence_matrix").state == "owned"
     ```
 """
 
@@ -204,9 +204,15 @@ def inspect_path(
 
     Example:
         ```python
+        from pathlib import Path
+        from pydvl_datainf.storage.format import PathState, claim_path, inspect_path
+
+        claim_path("grads.zarr", "gradient_store")
         status = inspect_path("grads.zarr", kind="gradient_store")
-        if status.state == PathState.OWNED:
-            ...
+        assert status.state == PathState.OWNED and status.is_group
+        Path("notes").mkdir()
+        (Path("notes") / "todo.txt").write_text("mine")
+        assert inspect_path("notes").state == PathState.FOREIGN  # never replaced
         ```
     """
     import zarr.errors
@@ -276,9 +282,14 @@ def open_zarr_group(
 
     Example:
         ```python
-        group = open_zarr_group("s3://bucket/grads.zarr", "r",
-                                storage_options={"anon": False})
-        group.attrs["n"]
+        from pydvl_datainf.storage.format import claim_path, open_zarr_group
+
+        # any fsspec URL: s3://, gs://, ... (memory:// needs no credentials)
+        claim_path("memory://bucket/grads.zarr", "gradient_store", overwrite=True,
+                   attributes={"n": 3})
+        group = open_zarr_group("memory://bucket/grads.zarr", "r",
+                                storage_options={})
+        assert group.attrs["n"] == 3
         ```
     """
     import zarr
@@ -366,8 +377,18 @@ def claim_path(
 
     Example:
         ```python
+        from pydvl_datainf.errors import StoreExistsError
+        from pydvl_datainf.storage.format import claim_path
+
         group = claim_path("scores.zarr", "influence_matrix", overwrite=True,
                            attributes={"format_version": 1})
+        assert group.attrs["format"] == "pydvl_datainf.influence_matrix"
+        try:
+            claim_path("scores.zarr", "gradient_store", overwrite=True)
+        except StoreExistsError as e:
+            print(e)  # another kind of output: not replaced, even with overwrite
+        else:
+            raise AssertionError("an output of another kind was replaced")
         ```
     """
     p = _local(os.fspath(path))
@@ -409,7 +430,18 @@ def check_claimable(
 
     Example:
         ```python
-        check_claimable("grads.zarr", "gradient_store", overwrite=False)
+        from pydvl_datainf.errors import StoreExistsError
+        from pydvl_datainf.storage.format import check_claimable, claim_path
+
+        check_claimable("grads.zarr", "gradient_store")  # nothing there: fine
+        claim_path("grads.zarr", "gradient_store")
+        check_claimable("grads.zarr", "gradient_store", overwrite=True)  # ours: fine
+        try:
+            check_claimable("grads.zarr", "gradient_store", overwrite=False)
+        except StoreExistsError as e:
+            print(e)  # already exists: pass overwrite=True to replace it
+        else:
+            raise AssertionError("an existing output was claimable")
         ```
     """
     _check_kind(kind)
@@ -443,7 +475,13 @@ def remove_owned(
 
     Example:
         ```python
-        remove_owned("old-grads.zarr", "gradient_store")
+        import os
+        from pydvl_datainf.storage.format import claim_path, remove_owned
+
+        claim_path("old-grads.zarr", "gradient_store")
+        assert remove_owned("old-grads.zarr", "gradient_store")
+        assert not os.path.exists("old-grads.zarr")
+        assert not remove_owned("old-grads.zarr", "gradient_store")  # nothing there
         ```
     """
     _check_kind(kind)

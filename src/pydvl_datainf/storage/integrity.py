@@ -16,12 +16,20 @@ reads every chunk.
 
 Example:
     ```python
+    import numpy as np
+    import zarr
+    from pydvl_datainf.storage.integrity import (
+        create_checked_array, open_checked_array, read_checked, write_manifest)
+
+    group = zarr.open_group("scores.zarr", mode="w")
+    values = np.arange(1000, dtype="float32").reshape(10, 100)
     arr = create_checked_array(group, "matrix", shape=(10, 100),
                                chunks=(10, 50), dtype="float32")
     arr[:] = values
     write_manifest(group, ["matrix"])
     arr = open_checked_array(group, "matrix", "scores.zarr")
-    read_checked(arr, "matrix", "scores.zarr", (slice(0, 10), slice(0, 50)))
+    left = read_checked(arr, "matrix", "scores.zarr", (slice(0, 10), slice(0, 50)))
+    assert (left == values[:, :50]).all()
     ```
 """
 
@@ -106,8 +114,13 @@ def create_checked_array(
 
     Example:
         ```python
+        import zarr
+        from pydvl_datainf.storage.integrity import create_checked_array
+
+        group = zarr.open_group("scores.zarr", mode="w")
         arr = create_checked_array(group, "matrix", shape=(10, 100),
                                    chunks=(10, 50), dtype="float32")
+        assert arr.shape == (10, 100) and arr.chunks == (10, 50)
         ```
     """
     return group.create_array(
@@ -130,8 +143,17 @@ def write_manifest(group: Any, names: Iterable[str]) -> None:
 
     Example:
         ```python
-        arr[:] = values
+        import numpy as np
+        import zarr
+        from pydvl_datainf.storage.integrity import create_checked_array, write_manifest
+
+        group = zarr.open_group("scores.zarr", mode="w")
+        arr = create_checked_array(group, "matrix", shape=(4, 6), chunks=(4, 3),
+                                   dtype="float32")
+        arr[:] = np.ones((4, 6), dtype="float32")
         write_manifest(group, ["matrix"])
+        manifest = group.attrs["manifest"]
+        assert manifest == {"matrix": {"shape": [4, 6], "chunks": [4, 3]}}
         ```
     """
     manifest = dict(group.attrs.get("manifest") or {})
@@ -149,7 +171,21 @@ def read_manifest(group: Any, path: str, what: str = "store") -> Dict[str, Any]:
 
     Example:
         ```python
-        read_manifest(group, "grads.zarr")["grads/0"]["shape"]  # [n, d]
+        import zarr
+        from pydvl_datainf.errors import StoreCorruptError
+        from pydvl_datainf.storage.integrity import (
+            create_checked_array, read_manifest, write_manifest)
+
+        group = zarr.open_group("scores.zarr", mode="w")
+        try:
+            read_manifest(group, "scores.zarr")  # not finished yet
+        except StoreCorruptError as e:
+            print(e)
+        else:
+            raise AssertionError("no manifest, no error")
+        create_checked_array(group, "matrix", shape=(4, 6), chunks=(4, 3), dtype="f4")
+        write_manifest(group, ["matrix"])
+        assert read_manifest(group, "scores.zarr")["matrix"]["shape"] == [4, 6]
         ```
     """
     manifest = group.attrs.get("manifest")
@@ -182,7 +218,21 @@ def open_checked_array(
 
     Example:
         ```python
-        arr = open_checked_array(group, "grads/0", "grads.zarr", shape=(n, d))
+        import zarr
+        from pydvl_datainf.errors import StoreCorruptError
+        from pydvl_datainf.storage.integrity import (
+            create_checked_array, open_checked_array, write_manifest)
+
+        group = zarr.open_group("scores.zarr", mode="w")
+        create_checked_array(group, "matrix", shape=(4, 6), chunks=(4, 3), dtype="f4")
+        write_manifest(group, ["matrix"])
+        arr = open_checked_array(group, "matrix", "scores.zarr", shape=(4, 6))
+        try:
+            open_checked_array(group, "matrix", "scores.zarr", shape=(5, 6))
+        except StoreCorruptError as e:
+            print(e)  # has shape (4, 6), but (5, 6) was written
+        else:
+            raise AssertionError("another shape, no error")
         ```
     """
     import zarr.errors
@@ -227,7 +277,15 @@ def chunk_exists(arr: Any, coords: Coords) -> bool:
 
     Example:
         ```python
-        chunk_exists(group["grads/0"], (0, 0))
+        import numpy as np
+        import zarr
+        from pydvl_datainf.storage.integrity import chunk_exists, create_checked_array
+
+        group = zarr.open_group("scores.zarr", mode="w")
+        arr = create_checked_array(group, "matrix", shape=(4, 6), chunks=(4, 3),
+                                   dtype="float32")
+        arr[:, :3] = np.zeros((4, 3), dtype="float32")  # only the first chunk
+        assert chunk_exists(arr, (0, 0)) and not chunk_exists(arr, (0, 1))
         ```
     """
     from zarr.core.sync import sync
@@ -257,7 +315,15 @@ def missing_chunks(arr: Any, coords: Iterable[Coords]) -> List[Coords]:
 
     Example:
         ```python
-        missing_chunks(group["matrix"], [(0, 0), (0, 1)])  # [] if both are
+        import numpy as np
+        import zarr
+        from pydvl_datainf.storage.integrity import create_checked_array, missing_chunks
+
+        group = zarr.open_group("scores.zarr", mode="w")
+        arr = create_checked_array(group, "matrix", shape=(4, 6), chunks=(4, 3),
+                                   dtype="float32")
+        arr[:, 3:] = np.ones((4, 3), dtype="float32")  # only the second chunk
+        assert missing_chunks(arr, [(0, 0), (0, 1)]) == [(0, 0)]
         ```
     """
     return [tuple(c) for c in coords if not chunk_exists(arr, tuple(c))]
@@ -315,7 +381,23 @@ def read_checked(
 
     Example:
         ```python
-        rows = read_checked(arr, "grads/0", "grads.zarr", (slice(0, 1024),))
+        import numpy as np
+        import zarr
+        from pydvl_datainf.errors import StoreCorruptError
+        from pydvl_datainf.storage.integrity import create_checked_array, read_checked
+
+        group = zarr.open_group("grads.zarr", mode="w")
+        arr = create_checked_array(group, "w", shape=(8, 2), chunks=(4, 2),
+                                   dtype="float32")
+        arr[:4] = np.ones((4, 2), dtype="float32")  # rows 4..7 never written
+        rows = read_checked(arr, "w", "grads.zarr", (slice(0, 4),))
+        assert rows.sum() == 8
+        try:
+            read_checked(arr, "w", "grads.zarr", (slice(0, 8),))  # zarr: zeros
+        except StoreCorruptError as e:
+            print(e)  # array 'w', chunk (1, 0) is missing
+        else:
+            raise AssertionError("a missing chunk, no error")
         ```
     """
     sel = selection if isinstance(selection, tuple) else (selection,)
@@ -357,7 +439,15 @@ def verify_array(
 
     Example:
         ```python
-        verify_array(group["matrix"], "matrix", "scores.zarr")
+        import numpy as np
+        import zarr
+        from pydvl_datainf.storage.integrity import create_checked_array, verify_array
+
+        group = zarr.open_group("scores.zarr", mode="w")
+        arr = create_checked_array(group, "matrix", shape=(4, 6), chunks=(4, 3),
+                                   dtype="float32")
+        arr[:] = np.ones((4, 6), dtype="float32")
+        assert verify_array(group["matrix"], "matrix", "scores.zarr") == 2  # chunks
         ```
     """
     n = 0

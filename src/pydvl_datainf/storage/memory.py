@@ -8,7 +8,7 @@ Example:
     store = MemoryGradientStore(["w"])
     store.append({"w": torch.randn(5, 3)})
     store.finalize()
-    store.read(0, 2)["w"].shape  # torch.Size([2, 3])
+    assert store.read(0, 2)["w"].shape == (2, 3)
     ```
 """
 
@@ -68,10 +68,13 @@ class MemoryGradientStore(GradientStore):
 
     Example:
         ```python
+        import torch
+        from pydvl_datainf.storage import MemoryGradientStore
+
         store = MemoryGradientStore(["w"])
         store.append({"w": torch.randn(5, 3)})
         store.finalize()
-        [start for start, _ in store.chunks(2)]  # [0, 2, 4]
+        assert [start for start, _ in store.chunks(2)] == [0, 2, 4]
         ```
     """
 

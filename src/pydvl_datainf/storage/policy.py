@@ -14,9 +14,17 @@ is created while the gradients stay in memory.
 
 Example:
     ```python
+    import os
+    import torch
     from pydvl_datainf.storage.policy import new_store
 
-    store = new_store("auto", ["w"], memory_budget="1GB")
+    store = new_store("auto", ["w"], memory_budget="1KB")
+    store.append({"w": torch.randn(100, 4)})  # 1600 bytes: spills to Zarr
+    store.finalize()
+    path = store.resolved.path                # in an owned temporary directory
+    assert os.path.exists(path)
+    store.close()
+    assert not os.path.exists(path)           # removed
     ```
 """
 
@@ -126,10 +134,15 @@ def temporary_zarr_store(
 
     Example:
         ```python
+        import os
+        import torch
+        from pydvl_datainf.storage.policy import temporary_zarr_store
+
         with temporary_zarr_store(["w"]) as store:
             store.append({"w": torch.randn(4, 3)})
             store.finalize()
-        # the directory is gone
+            assert os.path.exists(store.path)
+        assert not os.path.exists(store.path)  # the directory is gone
         ```
     """
     opts = {k: v for k, v in dict(options or {}).items() if k != "storage_options"}
@@ -197,8 +210,15 @@ def new_store(
 
     Example:
         ```python
+        import torch
+        from pydvl_datainf.storage import ZarrGradientStore
+        from pydvl_datainf.storage.policy import new_store
+
         store = new_store("zarr", ["w"], path="grads.zarr", dtype="bfloat16",
                           options={"chunk_rows": 1024})
+        assert isinstance(store, ZarrGradientStore)
+        store.append({"w": torch.randn(3, 2)})
+        store.finalize()
         ```
     """
     check_store_spec(kind_or_callable, path, options)

@@ -2,8 +2,18 @@ r"""A gradient store that keeps nothing and recomputes gradients on every read.
 
 Example:
     ```python
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from pydvl_datainf import DataInfInfluence, RecomputeGradientStore
+
+    model, loss = torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy
+    x, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
     infl = DataInfInfluence(model, loss, store="recompute").fit(loader)
-    infl.store  # RecomputeGradientStore: replays `loader` on queries
+    assert isinstance(infl.store, RecomputeGradientStore)  # replays `loader`
+    kept = DataInfInfluence(model, loss).fit(loader)       # keeps the gradients
+    assert torch.allclose(infl.train_influences(x[:2], y[:2]),
+                          kept.train_influences(x[:2], y[:2]))
     ```
 """
 

@@ -8,7 +8,7 @@ Example:
     store = ZarrGradientStore("grads.zarr", ["w"], dtype="bfloat16")
     store.append({"w": torch.randn(10, 4)})
     store.finalize()
-    ZarrGradientStore.open("grads.zarr").verify()  # reads every chunk
+    n_chunks = ZarrGradientStore.open("grads.zarr").verify()  # reads every chunk
     ```
 """
 
@@ -138,11 +138,17 @@ class ZarrGradientStore(GradientStore):
 
     Example:
         ```python
+        import torch
+        from pydvl_datainf.storage import ZarrGradientStore
+
+        g = torch.randn(10, 4)
         store = ZarrGradientStore("grads.zarr", ["w"], dtype="bfloat16")
-        store.append({"w": torch.randn(10, 4)})
+        store.append({"w": g})
         store.finalize()
         reopened = ZarrGradientStore.open("grads.zarr")
-        reopened.read(0, 3)["w"].dtype  # torch.float32
+        rows = reopened.read(0, 3)["w"]
+        assert rows.dtype == torch.float32  # kept in bfloat16, read as float32
+        assert torch.equal(rows, g[:3].bfloat16().float())
         ```
     """
 
@@ -387,7 +393,13 @@ class ZarrGradientStore(GradientStore):
 
         Example:
             ```python
-            ZarrGradientStore.open("grads.zarr").verify()
+            import torch
+            from pydvl_datainf.storage import ZarrGradientStore
+
+            store = ZarrGradientStore("grads.zarr", ["a", "b"], chunk_rows=4)
+            store.append({"a": torch.randn(10, 3), "b": torch.randn(10, 2)})
+            store.finalize()
+            print(ZarrGradientStore.open("grads.zarr").verify())  # chunks read
             ```
         """
         from tqdm.auto import tqdm

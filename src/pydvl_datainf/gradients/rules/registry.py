@@ -164,6 +164,20 @@ def register_rule(*module_types: Type[nn.Module]) -> Callable[[_R], _R]:
                 return {}
             a, g = inputs[0], grad_output
             return {"weight": (a * g).reshape(len(a), -1, a.shape[-1]).sum(1)}
+
+        # the hook engine now uses the rule, and agrees with the per-sample loop
+        from pydvl_datainf.gradients import HookGradientEngine, LoopGradientEngine
+        from pydvl_datainf.gradients.rules import unregister_rule
+
+        model = nn.Sequential(nn.Linear(3, 4), Scale(4))
+        params = dict(model.named_parameters())
+        x, y = torch.randn(5, 3), torch.randn(5, 4)
+        loss = nn.functional.mse_loss
+        assert HookGradientEngine().plan(model, params).fallback == {}
+        hooked = HookGradientEngine().per_sample_grads(model, loss, x, y, params)
+        looped = LoopGradientEngine().per_sample_grads(model, loss, x, y, params)
+        assert torch.allclose(hooked["1.weight"], looped["1.weight"], atol=1e-6)
+        unregister_rule(Scale)
         ```
     """
     return _registrar(_RULES, module_types, "register_rule")

@@ -9,7 +9,9 @@
   partial sums are added by tasks in the operator's fixed tree
   ([tree_reduce][pydvl_datainf.operator.tree_reduce]); the client finishes
   the factors. The result is bit-identical to the local executor's, after a
-  worker loss and whatever the number of workers.
+  worker loss and whatever the number of workers, given the same arithmetic
+  on client and workers (device, torch build, number of torch threads; see
+  the Guarantees page).
 * **Tiles.** One task per pending tile reads the group's factors from the
   output and one chunk of training gradients from the Zarr store, multiplies
   them with [tiles][pydvl_datainf.operator.DataInfOperator.tiles], writes the
@@ -21,12 +23,22 @@ never its gradients; the row index is left behind) and never the model.
 
 Example:
     ```python
+    import torch
     from distributed import Client, LocalCluster
-    from pydvl_datainf import influence_matrix
+    from torch.utils.data import DataLoader, TensorDataset
+    from pydvl_datainf import DataInfInfluence, influence_matrix
 
-    with Client(LocalCluster(n_workers=4, threads_per_worker=1)) as client:
-        result = influence_matrix(infl, test_loader, "/shared/infl.zarr",
-                                  client=client)
+    model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    infl = DataInfInfluence(model, loss, store="zarr", store_path="grads.zarr")
+    infl.fit(DataLoader(TensorDataset(x, y), batch_size=16))
+    test_loader = DataLoader(TensorDataset(x[:6], y[:6]), batch_size=4)
+    # a real cluster: workers on other machines, paths on shared storage
+    cluster = LocalCluster(n_workers=2, processes=False)
+    with cluster, Client(cluster) as client:
+        result = influence_matrix(infl, test_loader, "infl.zarr", client=client)
+    local = influence_matrix(infl, test_loader, "infl-local.zarr")
+    assert torch.equal(result.load(), local.load())  # the same bits
     ```
 """
 
@@ -71,7 +83,14 @@ def worker_device() -> torch.device:
 
     Example:
         ```python
-        client.run(worker_device)  # {worker address: device}
+        import torch
+        from distributed import Client, LocalCluster
+        from pydvl_datainf.scoring.executors.dask import worker_device
+
+        cluster = LocalCluster(n_workers=1, processes=False)
+        with cluster, Client(cluster) as client:
+            devices = client.run(worker_device)  # {worker address: device}
+        assert len(devices) == 1
         ```
     """
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,8 +180,24 @@ class DaskExecutor(Executor):
 
     Example:
         ```python
-        ex = DaskExecutor(client, infl.state)
-        f = ex.factors(op, test_grads)   # the same bits as op.apply(test_grads)
+        import torch
+        from distributed import Client, LocalCluster
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence
+        from pydvl_datainf.operator import DataInfOperator
+        from pydvl_datainf.scoring.executors.dask import DaskExecutor
+
+        model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+        x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+        infl = DataInfInfluence(model, loss, store="zarr", store_path="grads.zarr")
+        infl.fit(DataLoader(TensorDataset(x, y), batch_size=16))
+        op = DataInfOperator(infl.state)
+        test_grads = infl.per_sample_gradients(x[:3], y[:3])
+        cluster = LocalCluster(n_workers=2, processes=False)
+        with cluster, Client(cluster) as client:
+            ex = DaskExecutor(client, infl.state)
+            f = ex.factors(op, test_grads)
+        assert all(torch.equal(f[k], v) for k, v in op.apply(test_grads).items())
         ```
     """
 

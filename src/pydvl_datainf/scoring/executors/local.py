@@ -28,8 +28,15 @@ class LocalExecutor(Executor):
 
     Example:
         ```python
-        ex = LocalExecutor()
-        f = ex.factors(op, test_grads)   # same bits as DataInfOperator.apply
+        import torch
+        from pydvl_datainf.operator import DataInfOperator
+        from pydvl_datainf.scoring.executors.local import LocalExecutor
+        from pydvl_datainf.state import FittedState
+
+        op = DataInfOperator(FittedState.from_gradients({"w": torch.randn(20, 4)}))
+        test_grads = {"w": torch.randn(2, 4)}
+        f = LocalExecutor().factors(op, test_grads)
+        assert torch.equal(f["w"], op.apply(test_grads)["w"])  # the same bits
         ```
     """
 
