@@ -1,4 +1,4 @@
-"""Issue 4's GPU bar: the whole influence matrix against one plain pass.
+"""On a GPU: the whole influence matrix against one plain forward+backward pass.
 
 RoBERTa-base sizes (12 layers, hidden 768) with random weights, PEFT LoRA r=8
 on query and value (random adapters), masked mean pooling and a linear head,
@@ -10,7 +10,7 @@ Side by side in one run, after a warm-up, medians of `--repeats`:
 * **ours**: `DataInfInfluence.fit` on the 1024 training points plus the whole
   `(64, 1024)` matrix (`train_influences`).
 
-The bar: ours at most 1.3 times the floor. Peak memory is the peak CUDA memory
+The target: ours at most 1.3 times the floor. Peak memory is the peak CUDA memory
 allocated by each (on a GPU).
 
     python benchmarks/bench_gpu_fit.py [--device cuda] [--repeats 3]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the peer libraries compared by benchmarks/run.py (issue 6) into a
+# Install the peer libraries compared by benchmarks/run.py into a
 # separate folder, without touching the project's environment.
 #
 #   bash benchmarks/install_peers.sh [TARGET]      # default: benchmarks/.peers

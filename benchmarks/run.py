@@ -1,4 +1,4 @@
-"""Side-by-side benchmarks of DataInf against its peers (issue 6), one run.
+"""Side-by-side benchmarks of DataInf against its peers, one run.
 
 Every tool runs every job on this machine in this run, each in its own
 subprocess (own peak memory, failures and time-outs isolated), and the table

@@ -1,4 +1,4 @@
-"""Smoke test of the peers benchmark (issue 6): `benchmarks/run.py --quick`.
+"""Smoke test of the peers benchmark: `benchmarks/run.py --quick`.
 
 No timing is asserted. The peers that are not installed (CI installs neither
 dattri nor kronfluence) must appear as skipped rows, not silently vanish.
@@ -38,7 +38,7 @@ def _run_script(script: Path, *args: str, timeout: float = 600) -> str:
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("bench")
     docs = tmp / "benchmarks.md"
-    docs.write_text("# Benchmarks\n\n## Core model (issue 2)\n\nkept\n")
+    docs.write_text("# Benchmarks\n\n## Core model\n\nkept\n")
     _run_script(
         RUN,
         "--quick",
@@ -110,15 +110,15 @@ def test_metrics_against_the_exact_inverse(quick_run: Path) -> None:
 
 def test_docs_table_is_written_between_markers(quick_run: Path) -> None:
     text = (quick_run / "benchmarks.md").read_text()
-    assert "## Core model (issue 2)\n\nkept" in text
-    assert "## Peers (issue 6)" in text
+    assert "## Core model\n\nkept" in text
+    assert "\n## Peers\n" in text
     assert "<!-- peers-table:begin" in text and "<!-- peers-table:end -->" in text
     assert "| job | tool | method |" in text
     assert "skipped" in text
 
 
 def test_gpu_fit_benchmark_runs_on_a_cpu_in_quick_mode() -> None:
-    """The GPU bar's script (issue 4), with a tiny model on the CPU."""
+    """The GPU fit benchmark script, with a tiny model on the CPU."""
     out = _run_script(
         ROOT / "benchmarks" / "bench_gpu_fit.py",
         *("--quick", "--device", "cpu", "--repeats", "1"),

@@ -1,4 +1,4 @@
-"""Side-by-side benchmarks of DataInf against its peers (issue 6).
+"""Side-by-side benchmarks of DataInf against its peers.
 
 `benchmarks/run.py` is the entry point. The package holds:
 

@@ -29,7 +29,7 @@ class Tool:
         target: `"module:function"` of the adapter, with optional keyword
             arguments in `kwargs`.
         requires: modules that must import (else a skipped row says so).
-        datainf: computes DataInf (for the "fastest DataInf" bar).
+        datainf: computes DataInf (for the "fastest DataInf" row).
         only_jobs: jobs it runs on (None: all); others get an "n/a" row.
         not_on: `{job: reason}`: jobs it cannot run by design.
         quick: part of `--quick`.
