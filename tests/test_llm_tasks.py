@@ -127,3 +127,52 @@ def test_smollm2_lora_model():
             assert q["loss"][i] == pytest.approx(ref, rel=1e-3)
     with pytest.raises(ValueError, match="max_length"):
         llm.encode_task(tokenizer, task, max_length=5)
+
+    # one fine-tuning step lowers the loss of the batch it was taken on
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pydvl_datainf.influence import DataInfInfluence
+
+    losses = llm.train_causal_lm(lm, x, y, epochs=1, batch_size=4, progress=False)
+    assert len(losses) == 1 and losses[0] == pytest.approx(
+        float(q["loss"].mean()), rel=0.2
+    )
+    after = llm.evaluate_causal_lm(lm, x, y)["loss"].mean()
+    assert after < q["loss"].mean()
+    # DataInf from the shared test gradients = the library's train_influences
+    more = math_problems(2, reasoning=True, seed=1, classes=["buy more", "boxes"])
+    x, y = llm.encode_task(tokenizer, more)
+    scores, seconds = llm.influence_scores(
+        lm,
+        x[:3],
+        y[:3],
+        x[3:],
+        y[3:],
+        methods=("datainf", "hessian_free"),
+        progress=False,
+    )
+    assert scores["datainf"].shape == (1, 3) and set(seconds) >= {
+        "gradients",
+        "datainf",
+    }
+    infl = DataInfInfluence(
+        lm, causal_lm_loss, block_structure="module", progress=False
+    )
+    infl.fit(DataLoader(TensorDataset(x[:3], y[:3]), batch_size=16))
+    ref = infl.train_influences(x[3:], y[3:]).double().numpy()
+    np.testing.assert_allclose(scores["datainf"], ref, rtol=1e-5, atol=1e-12)
+    assert not np.allclose(scores["datainf"], scores["hessian_free"], rtol=1e-3)
+
+
+def test_class_metrics_by_helpfulness():
+    llm = pytest.importorskip("pydvl_datainf.experiments.llm")
+    train_classes, test_classes = np.array([0, 0, 1, 1]), np.array([0, 1])
+    right = np.array([[2.0, 1.0, 0.0, -1.0], [0.0, -1.0, 3.0, 2.0]])
+    m = llm.class_metrics(right, test_classes, train_classes)
+    assert (m["auc"], m["recall"]) == (1.0, 1.0)
+    assert [c["recall"] for c in m["per_class"]] == [1.0, 1.0]
+    m = llm.class_metrics(-right, test_classes, train_classes)  # most harmful first
+    assert (m["auc"], m["recall"]) == (0.0, 0.0)
+    half = np.array([[2.0, 0.0, 1.0, -1.0], [0.0, -1.0, 3.0, 2.0]])
+    m = llm.class_metrics(half, test_classes, train_classes)
+    assert [c["recall"] for c in m["per_class"]] == [0.5, 1.0] and m["recall"] == 0.75

