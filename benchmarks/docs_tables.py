@@ -26,13 +26,17 @@ import csv
 import json
 import math
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+NOTEBOOK_RESULTS = ROOT / "notebooks" / "results"
+#: names starting with this prefix are read from NOTEBOOK_RESULTS
+NB = "notebooks/results/"
 PAGE = ROOT / "docs" / "benchmarks.md"
 
 REGION = re.compile(
@@ -74,10 +78,16 @@ class Results:
         ```
     """
 
-    def __init__(self, root: Path = RESULTS) -> None:
+    def __init__(
+        self, root: Path = RESULTS, notebooks: Path = NOTEBOOK_RESULTS
+    ) -> None:
         self.root = Path(root)
+        self.notebooks = Path(notebooks)
 
     def path(self, name: str) -> Path:
+        """`name` in `benchmarks/results/`, or in `notebooks/results/` if it starts with `NB`."""
+        if name.startswith(NB):
+            return self.notebooks / name[len(NB) :]
         return self.root / name
 
     def exists(self, name: str) -> bool:
@@ -128,6 +138,7 @@ def mean_std(mean: float, std: float) -> str:
 
 
 def bold(text: str, on: bool) -> str:
+    """`text` in bold if `on` (best values: equal to the best as printed, ties included)."""
     return f"**{text}**" if on else text
 
 
@@ -143,7 +154,9 @@ def table(
 
 
 def source(*names: str, command: Optional[str] = None) -> str:
-    files = ", ".join(f"`benchmarks/results/{n}`" for n in names)
+    files = ", ".join(
+        f"`{n}`" if n.startswith(NB) else f"`benchmarks/results/{n}`" for n in names
+    )
     made = f", written by `{command}`" if command else ""
     return f"*Source: {files}{made}.*"
 
@@ -463,143 +476,491 @@ def _precision(res: Results) -> str:
     )
 
 
-MISLABEL = "tutorials/mislabeled_data.json"
-APPROX = "tutorials/approximation_quality.json"
-INFLUENTIAL = "tutorials/influential_data.json"
+# --- the tutorials (notebooks/results/, written by their full runs) ----------
+
+MISLABEL = NB + "mislabel.json"
+APPROX = NB + "approximation.json"
+INFLUENTIAL = NB + "influential_data.json"
+INFLUENTIAL_PARTIAL = NB + "influential_data_partial.json"
+EXECUTE = "python notebooks/execute.py --mode full --inplace {}"
 DATASET_LABELS = {"sms": "SMS spam", "bbc": "BBC News"}
-METHOD_ORDER = ["DataInf", "Exact inverse", "LiSSA", "Hessian-free", "EK-FAC"]
+INFLUENCE_METHODS = ["DataInf", "Exact inverse", "LiSSA", "Hessian-free", "EK-FAC"]
+BASELINES = ["Training loss", "EL2N", "Gradient norm", "Self-influence"]
+APPROX_METHODS = ["DataInf", "LiSSA (paper)", "LiSSA (stable)", "Hessian-free"]
+INFLUENTIAL_LABELS = {
+    "datainf": "DataInf",
+    "exact": "Exact inverse",
+    "lissa": "LiSSA",
+    "hessian_free": "Hessian-free",
+    "cosine": "Gradient cosine",
+}
 
 
-def _by_method(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return sorted(rows, key=lambda r: order.get(r["method"], len(order)))
+def _stats(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value), as pandas gives them."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), std
 
 
-@register("demo")
-def _demo(res: Results) -> str:
-    doc = res.json(MISLABEL)
-    seed0 = next(s for s in doc["per_seed"] if s["dataset"] == "sms" and s["seed"] == 0)
-    aucs = seed0["auc"]
-    best = max(aucs.values())
-    rows = [[m, bold(f3(aucs[m]), aucs[m] == best)] for m in METHOD_ORDER if m in aucs]
-    return "\n\n".join(
-        [
-            table(["method (SMS spam, seed 0)", "AUC"], rows, "lr"),
-            source(MISLABEL, command=doc["command"]),
-        ]
-    )
+def _grouped(
+    rows: Sequence[Dict[str, Any]], keys: Sequence[str], value: str
+) -> Dict[Tuple[Any, ...], Tuple[float, float]]:
+    groups: Dict[Tuple[Any, ...], List[float]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(float(r[value]))
+    return {k: _stats(v) for k, v in groups.items()}
+
+
+def _listing(items: Sequence[str]) -> str:
+    if len(items) < 2:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _mislabel_main(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The main runs: 20% flipped, the configured number of epochs."""
+    epochs = doc["config"]["epochs"]
+    return [r for r in doc["runs"] if r["flip"] == 0.2 and r["epochs"] == epochs]
 
 
 @register("mislabeled")
 def _mislabeled(res: Results) -> str:
     doc = res.json(MISLABEL)
-    rows = []
-    for ds in ("sms", "bbc"):
-        group = _by_method([r for r in doc["summary"] if r["dataset"] == ds])
-        best_auc = max(r["auc_mean"] for r in group)
-        best_recall = max(r["recall_top_mean"] for r in group)
-        n = doc["sizes"][ds]["n_train"]
-        for i, r in enumerate(group):
+    runs = _mislabel_main(doc)
+    auc = _grouped(runs, ["dataset", "method"], "auc")
+    recall = _grouped(runs, ["dataset", "method"], "recall_top")
+    accuracy = _grouped(
+        [r for r in runs if r["method"] == "DataInf"], ["dataset"], "test_accuracy"
+    )
+    rows, lines = [], []
+    for ds in doc["config"]["datasets"]:
+        methods = [m for m in INFLUENCE_METHODS + BASELINES if (ds, m) in auc]
+        best_auc = max(auc[ds, m][0] for m in methods)
+        best_recall = max(recall[ds, m][0] for m in methods)
+        size = doc["config"]["datasets"][ds]
+        for i, m in enumerate(methods):
             rows.append(
                 [
-                    f"{DATASET_LABELS[ds]} (n = {n})" if i == 0 else "",
-                    r["method"],
+                    f"{DATASET_LABELS.get(ds, ds)} (n = {size['n_train']})"
+                    if i == 0
+                    else "",
+                    m,
+                    "influence" if m in INFLUENCE_METHODS else "no test set",
+                    bold(mean_std(*auc[ds, m]), f3(auc[ds, m][0]) == f3(best_auc)),
                     bold(
-                        mean_std(r["auc_mean"], r["auc_std"]), r["auc_mean"] == best_auc
+                        mean_std(*recall[ds, m]),
+                        f3(recall[ds, m][0]) == f3(best_recall),
                     ),
-                    bold(
-                        mean_std(r["recall_top_mean"], r["recall_top_std"]),
-                        r["recall_top_mean"] == best_recall,
-                    ),
-                    f"{r['seconds_mean']:.1f}",
                 ]
             )
+        ours = auc[ds, "DataInf"][0]
+        ahead = sorted(
+            (m for m in methods if auc[ds, m][0] > ours), key=lambda m: -auc[ds, m][0]
+        )
+        best = max(methods, key=lambda m: auc[ds, m][0])
+        lines.append(
+            f"* {DATASET_LABELS.get(ds, ds)} (mean test accuracy of the fine-tuned models "
+            f"{f3(accuracy[(ds,)][0])}): the best AUC is {best} ({f3(auc[ds, best][0])}); "
+            f"DataInf's {f3(ours)} ranks {len(ahead) + 1} of {len(methods)}"
+            + (
+                f", behind {_listing([f'{m} ({f3(auc[ds, m][0])})' for m in ahead])}."
+                if ahead
+                else "."
+            )
+        )
+    cfg = doc["config"]
+    seeds = cfg["seeds"]
     return "\n\n".join(
         [
+            f"Mean ± standard deviation over seeds {_listing([str(s) for s in seeds])}; "
+            f"20% of the training labels flipped, {cfg['epochs']} epochs; best per "
+            "data set in bold. *No test set*: scores that need neither a test set "
+            "nor an inverse.",
             table(
-                ["data set", "method", "AUC", "flipped in top 20%", "seconds"],
+                ["data set", "score", "kind", "AUC", "flipped in top 20%"],
                 rows,
-                "llrrr",
+                "lllrr",
             ),
-            source(MISLABEL, command=doc["command"]),
+            "\n".join(lines),
+            source(MISLABEL, command=EXECUTE.format("1_mislabeled_data")),
         ]
     )
+
+
+def _num(v: Any) -> float:
+    return float("nan") if v is None else float(v)
 
 
 @register("approximation")
 def _approximation(res: Results) -> str:
     doc = res.json(APPROX)
-    ranks = sorted({r["rank"] for r in doc["rows"]})
+    rows_in = [
+        dict(
+            r,
+            aggregate=_num(r.get("aggregate")),
+            per_test_point=_num(r.get("per_test_point")),
+        )
+        for r in doc["correlations"]
+    ]
+    ranks = sorted({int(r["rank"]) for r in rows_in})
+    methods = [m for m in APPROX_METHODS if any(r["method"] == m for r in rows_in)]
     out = []
+    cells: Dict[str, Dict[Tuple[str, int], Tuple[float, float]]] = {}
     for metric, title in (
-        ("per_test_point", "per test point"),
-        ("aggregate", "aggregate"),
+        ("aggregate", "influence on the mean test loss (the paper's quantity)"),
+        ("per_test_point", "per test point, mean over test points"),
     ):
+        got = _grouped(rows_in, ["method", "rank"], metric)
+        cells[metric] = got
+        best = {
+            k: max(
+                (got[m, k][0] for m in methods if not math.isnan(got[m, k][0])),
+                default=float("nan"),
+            )
+            for k in ranks
+        }
         rows = []
-        for blocks, label in (
-            ("module", '`"module"` (A, B apart)'),
-            ("lora", '`"lora"` (A, B together)'),
-        ):
-            group = [r for r in doc["rows"] if r["blocks"] == blocks]
-            best = {k: max(r[metric] for r in group if r["rank"] == k) for k in ranks}
-            methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in group)]
-            for i, m in enumerate(methods):
-                cells = {r["rank"]: r[metric] for r in group if r["method"] == m}
-                rows.append(
-                    [label if i == 0 else "", m]
-                    + [bold(f3(cells[k]), cells[k] == best[k]) for k in ranks]
-                )
+        for m in methods:
+            line = [m]
+            for k in ranks:
+                mean, std = got[m, k]
+                if math.isnan(mean):
+                    line.append("diverged")
+                    continue
+                text = mean_std(mean, std) if metric == "aggregate" else f3(mean)
+                line.append(bold(text, f3(mean) == f3(best[k])))
+            rows.append(line)
         out.append(
             f"Pearson correlation with the exact per-block inverse, {title}:\n\n"
             + table(
-                ["blocks", "method"] + [f"rank {k}" for k in ranks],
-                rows,
-                "ll" + "r" * len(ranks),
+                ["method"] + [f"rank {k}" for k in ranks], rows, "l" + "r" * len(ranks)
             )
         )
-    out.append(source(APPROX, command=doc["command"]))
+    agg = cells["aggregate"]
+    lines = [
+        f"* DataInf's correlation falls from {f3(agg['DataInf', ranks[0]][0])} at "
+        f"rank {ranks[0]} to {f3(agg['DataInf', ranks[-1]][0])} at rank {ranks[-1]}."
+    ]
+    for m in methods[1:]:
+        valid = [k for k in ranks if not math.isnan(agg[m, k][0])]
+        above = [k for k in valid if agg[m, k][0] > agg["DataInf", k][0]]
+        diverged = [k for k in ranks if k not in valid]
+        if not above:
+            text = f"DataInf is closer to the exact inverse than {m} at every rank"
+        elif len(above) == len(valid):
+            text = f"{m} is closer to the exact inverse than DataInf at every rank"
+        else:
+            text = (
+                f"{m} is closer to the exact inverse than DataInf at "
+                f"rank{'s' if len(above) > 1 else ''} {_listing([str(k) for k in above])}"
+            )
+        if diverged:
+            text += f" ({m} diverged at rank{'s' if len(diverged) > 1 else ''} {_listing([str(k) for k in diverged])})"
+        lines.append(f"* {text}.")
+    cfg = doc["config"]
+    out.insert(
+        0,
+        f"SMS spam, {cfg['sizes']['n_train']} training and {cfg['sizes']['n_test']} "
+        f"test texts, {round(100 * cfg['flip'])}% of the training labels flipped, LoRA on "
+        f"the value projections; mean (± standard deviation) over seeds "
+        f"{_listing([str(s) for s in cfg['seeds']])}; best per rank in bold.",
+    )
+    out.append("\n".join(lines))
+    out.append(source(APPROX, command=EXECUTE.format("2_approximation_quality")))
     return "\n\n".join(out)
+
+
+INFLUENTIAL_PARTIAL_RERUN = (
+    "run_influential_data(task, 12, 3, classes=5, epochs=2, lissa_iterations=20)"
+)
 
 
 @register("influential")
 def _influential(res: Results) -> str:
-    doc = res.json(INFLUENTIAL)
-    rows = []
-    for ranking, label in (
-        ("magnitude", "by magnitude"),
-        ("helpfulness", "by signed influence"),
-    ):
-        group = _by_method([r for r in doc["rows"] if r["ranking"] == ranking])
-        best_auc = max(r["auc_mean"] for r in group)
-        best_recall = max(r["recall_mean"] for r in group)
-        for i, r in enumerate(group):
+    full = res.exists(INFLUENTIAL)
+    name = INFLUENTIAL if full else INFLUENTIAL_PARTIAL
+    doc = res.json(name)
+    rows, lines, notes = [], [], []
+    for t in doc["tasks"]:
+        ms = t["methods"]
+        cfg = t["config"]
+        best_auc = max(v["auc"] for v in ms.values())
+        best_recall = max(v["recall"] for v in ms.values())
+        for i, (m, v) in enumerate(ms.items()):
             rows.append(
                 [
-                    label if i == 0 else "",
-                    r["method"],
-                    bold(
-                        mean_std(r["auc_mean"], r["auc_std"]), r["auc_mean"] == best_auc
-                    ),
-                    bold(
-                        mean_std(r["recall_mean"], r["recall_std"]),
-                        r["recall_mean"] == best_recall,
-                    ),
+                    t["task"] if i == 0 else "",
+                    INFLUENTIAL_LABELS.get(m, m),
+                    bold(f3(v["auc"]), f3(v["auc"]) == f3(best_auc)),
+                    bold(f3(v["recall"]), f3(v["recall"]) == f3(best_recall)),
                 ]
             )
+        d = ms["datainf"]
+        ahead = [
+            f"{INFLUENTIAL_LABELS.get(m, m)} ({f3(v['recall'])})"
+            for m, v in sorted(ms.items(), key=lambda kv: -kv[1]["recall"])
+            if v["recall"] > d["recall"]
+        ]
+        lines.append(
+            f"* {t['task']} ({cfg['classes']} classes, {cfg['n_train_per_class']} "
+            f"training and {cfg['n_test_per_class']} test examples per class, "
+            f"{cfg['epochs']} epochs, seed {cfg['seed']}; chance recall "
+            f"{f3(1 / cfg['classes'])}; test exact match of the fine-tuned model "
+            f"{f3(t['quality']['test_exact'])}): DataInf's recall {f3(d['recall'])}"
+            + (f" is below {_listing(ahead)}." if ahead else " is the best.")
+        )
+    if full:
+        notes.append(
+            "Full mode of the tutorial, at the sizes given below the table (one "
+            "seed); a training example counts as a match when it comes from the "
+            "test prompt's class; best per task in bold."
+        )
+        made = source(name, command=EXECUTE.format("3_influential_data"))
+    else:
+        notes.append(
+            "The tutorial's full mode has not been run yet: its results file "
+            f"`{INFLUENTIAL}` is not in the repository. Shown instead: a smaller "
+            "run of two of its tasks, configurations below. A training example "
+            "counts as a match when it comes from the test prompt's class; best "
+            "per task in bold."
+        )
+        made = (
+            f"*Source: `{name}`; rerun with `{INFLUENTIAL_PARTIAL_RERUN}` from "
+            "`pydvl_datainf.experiments.llm`, for each task. "
+            f"`{EXECUTE.format('3_influential_data')}` writes `{INFLUENTIAL}`, "
+            "which then replaces this table.*"
+        )
     return "\n\n".join(
-        [
+        notes
+        + [
             table(
-                ["ranking", "method", "class-match AUC", "class-match recall"],
+                ["task", "method", "class-match AUC", "class-match recall"],
                 rows,
                 "llrr",
             ),
-            source(INFLUENTIAL, command=doc["command"]),
+            "\n".join(lines),
+            made,
+        ]
+    )
+
+
+# --- layers without a rule, half precision ------------------------------------
+
+CUSTOM_LORA = "bench_fit_custom_lora.json"
+CUSTOM_LORA_COMMAND = (
+    "python benchmarks/bench_fit.py --only-custom --repeats 9 "
+    "--out benchmarks/results/bench_fit_custom_lora.json"
+)
+CUSTOM_JOBS = {
+    "custom_lora_mlp_hooks": "custom LoRA module, hooks engine, one block per parameter (the blocks of the LoRA-MLP above)",
+    "custom_lora_mlp_hooks_layer_blocks": "the same, one block per custom layer (`lora_A` and `lora_B` together)",
+    "custom_lora_mlp_hooks_engine": "the same, per-sample gradients only (the engine without the cache)",
+    "custom_lora_mlp_func": "the same, `torch.func` over the whole model, one block per parameter",
+}
+
+
+@register("fit-custom-lora")
+def _fit_custom_lora(res: Results) -> str:
+    r = res.json(CUSTOM_LORA)
+    rounds = max(len(v.get("ratios", [])) for k, v in r.items() if k in CUSTOM_JOBS)
+    rows = []
+    for key, label in CUSTOM_JOBS.items():
+        if key not in r:
+            continue
+        v = r[key]
+        rows.append(
+            [
+                label,
+                f"{bold(ratio(v['ratio']), key == 'custom_lora_mlp_hooks')}; "
+                f"{ratio(v['ratio_of_min'])}",
+                f"{v['cache_mib']:.1f} MiB" if "cache_mib" in v else "—",
+            ]
+        )
+    return "\n\n".join(
+        [
+            table(
+                [
+                    "job",
+                    f"`fit` / floor epoch (median of {rounds}; fastest rounds)",
+                    "gradient cache",
+                ],
+                rows,
+            ),
+            source(CUSTOM_LORA, command=CUSTOM_LORA_COMMAND),
+        ]
+    )
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+ENGINE_COMMAND = (
+    "python benchmarks/bench_engine.py --threads 1 --dtype DTYPE "
+    "--out benchmarks/results/bench_engine_DTYPE.json"
+)
+
+
+@register("engine-precision")
+def _engine_precision(res: Results) -> str:
+    rows, names = [], []
+    for dtype in DTYPES:
+        name = f"bench_engine_{dtype}.json"
+        if not res.exists(name):
+            rows.append([dtype, "not stored", "not stored"])
+            continue
+        names.append(name)
+        r = res.json(name)
+        rows.append([dtype, f"{r['grads_rel_err']:.1e}", f"{r['norms_rel_err']:.1e}"])
+    return "\n\n".join(
+        [
+            table(
+                [
+                    "dtype",
+                    "per-sample gradients, relative error",
+                    "squared norms, relative error",
+                ],
+                rows,
+                "lrr",
+            ),
+            source(*names, command=ENGINE_COMMAND),
+        ]
+    )
+
+
+FIT_PRECISION = "bench_fit_precision.json"
+FIT_PRECISION_COMMAND = (
+    "python benchmarks/bench_fit.py --only-precision --repeats 3 "
+    "--out benchmarks/results/bench_fit_precision.json"
+)
+
+
+@register("fit-precision")
+def _fit_precision(res: Results) -> str:
+    r = res.json(FIT_PRECISION)
+    rows = []
+    for dtype in DTYPES:
+        v = r[f"lora_mlp_hooks_{dtype}"]
+        rows.append(
+            [
+                dtype,
+                f"{v['floor_s']:.3f} s",
+                f"{v['fit_s']:.3f} s",
+                ratio(v["ratio"]),
+                f"{v['cache_mib']:.1f} MiB",
+            ]
+        )
+    return "\n\n".join(
+        [
+            table(
+                ["model dtype", "floor epoch", "`fit`", "ratio", "gradient cache"],
+                rows,
+                "lrrrr",
+            ),
+            source(FIT_PRECISION, command=FIT_PRECISION_COMMAND),
+        ]
+    )
+
+
+GPU = "bench_gpu.json"
+GPU_COMMAND = "python benchmarks/bench_gpu.py --device cuda --out benchmarks/results/bench_gpu.json"
+
+
+def _peer_cell(v: Any) -> str:
+    if not isinstance(v, dict):
+        return "—"
+    if "total_s" in v:
+        return f"{sec(float(v['total_s']))} s"
+    return str(v.get("status", "—"))
+
+
+@register("gpu-anchor")
+def _gpu_anchor(res: Results) -> str:
+    if not res.exists(GPU):
+        return not_stored(GPU, GPU_COMMAND, "the figures of the GPU job")
+    r = res.json(GPU)
+    rows = [
+        ["device", str(r.get("gpu", r["device"]))],
+        [
+            "plain forward+backward over the n + m samples (the floor)",
+            f"{sec(r['floor_s'])} s",
+        ],
+        ["`fit`", f"{sec(r['ours_fit_s'])} s"],
+        [f"the {r['m']} × {r['n']} matrix", f"{sec(r['ours_matrix_s'])} s"],
+        ["`fit` + matrix / floor", ratio(r["ratio_to_floor"])],
+        ["GEMM throughput at the job's shapes", f"{r['gemm']['gflops']:.0f} GFLOPS"],
+    ]
+    if "ours_peak_mib" in r:
+        rows.append(
+            ["peak GPU memory of `fit` + matrix", f"{r['ours_peak_mib']:.0f} MiB"]
+        )
+    rows.append(
+        [
+            "pyDVL `InverseHarmonicMeanInfluence` (extrapolated)",
+            _peer_cell(r.get("pydvl_ihm")),
+        ]
+    )
+    rows.append(["kronfluence EK-FAC", _peer_cell(r.get("kronfluence_ekfac"))])
+    return "\n\n".join(
+        [
+            table(["measurement", "median of the runs"], rows, "lr"),
+            source(GPU, command=GPU_COMMAND),
         ]
     )
 
 
 def _peers_full(res: Results) -> str:
-    return res.text("peers.md").rstrip()
+    """`peers.md` as `benchmarks/run.py` wrote it, made readable on the page.
+
+    The one wide table is split into one table per job (without the job
+    column), and statuses longer than `ok` (why a tool cannot run) become
+    numbered notes under the table of their job. Every other line is kept.
+    """
+    lines = res.text("peers.md").rstrip().splitlines()
+    start = next(
+        (i for i, ln in enumerate(lines) if ln.startswith("| job | tool |")), None
+    )
+    if start is None:
+        return "\n".join(lines)
+    end = start + 2
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    header = _cells(lines[start])
+    status = header.index("status")
+    align = _cells(lines[start + 1])
+    notes: Dict[str, int] = {}
+    by_job: Dict[str, List[List[str]]] = {}
+    for ln in lines[start + 2 : end]:
+        cells = _cells(ln)
+        by_job.setdefault(cells[0], []).append(cells)
+    out: List[str] = []
+    for job, rows in by_job.items():
+        used: List[str] = []
+        body = []
+        for cells in rows:
+            text = cells[status]
+            if text != "ok":
+                kind, _, why = text.partition(": ")
+                if why:
+                    if why not in notes:
+                        notes[why] = len(notes) + 1
+                    if why not in used:
+                        used.append(why)
+                    text = f"{kind.strip('*')} ({notes[why]})"
+            body.append(cells[1:status] + [text] + cells[status + 1 :])
+        out.append(f"Job **{job}**:")
+        out.append("")
+        out.append("| " + " | ".join(header[1:]) + " |")
+        out.append("| " + " | ".join(align[1:]) + " |")
+        out.extend("| " + " | ".join(c) + " |" for c in body)
+        if used:
+            out.append("")
+            out.extend(f"* ({notes[w]}) {w}" for w in used)
+        out.append("")
+    return "\n".join([*lines[:start], *out[:-1], *lines[end:]])
+
+
+def _cells(line: str) -> List[str]:
+    """The cells of a markdown table row (escaped pipes kept in their cell)."""
+    inner = line.strip()[1:-1]
+    return [c.strip() for c in re.split(r"(?<!\\)\|", inner)]
 
 
 # --- figures quoted in the prose ----------------------------------------------
@@ -659,62 +1020,48 @@ def _fit(key: str, field: str) -> Callable[[Results], float]:
     return lambda res: float(res.json("bench_fit.json")[key][field])
 
 
-def _mislabel(
-    ds: str, method: str, key: str = "auc_mean"
-) -> Callable[[Results], float]:
-    def get(res: Results) -> float:
-        for r in res.json(MISLABEL)["summary"]:
-            if r["dataset"] == ds and r["method"] == method:
-                return float(r[key])
-        raise KeyError((ds, method))
-
-    return get
+def _precision_ratio(res: Results, dtype: str, key: str) -> float:
+    """`key` of the LoRA-MLP in `dtype` over the same in float32."""
+    r = res.json(FIT_PRECISION)
+    return float(r[f"lora_mlp_hooks_{dtype}"][key]) / float(
+        r["lora_mlp_hooks_float32"][key]
+    )
 
 
-def _seed_auc(ds: str, seed: int, method: str) -> Callable[[Results], float]:
-    def get(res: Results) -> float:
-        for s in res.json(MISLABEL)["per_seed"]:
-            if s["dataset"] == ds and s["seed"] == seed:
-                return float(s["auc"][method])
-        raise KeyError((ds, seed))
-
-    return get
+GEMM = "gemm_cpu.json"
+MINILM_N = 256  # the training samples of the MiniLM job of bench_fit.py
+SUPERSCRIPT = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
 
 
-def _gradient_seconds(ds: str) -> Callable[[Results], float]:
-    def get(res: Results) -> float:
-        vals = [
-            float(s["gradient_seconds"])
-            for s in res.json(MISLABEL)["per_seed"]
-            if s["dataset"] == ds
-        ]
-        return sum(vals) / len(vals)
-
-    return get
+def _gemm(res: Results, key: str) -> Any:
+    return res.json(GEMM)["gemm"][key]
 
 
-def _approx(
-    blocks: str, method: str, rank: int, metric: str
-) -> Callable[[Results], float]:
-    def get(res: Results) -> float:
-        for r in res.json(APPROX)["rows"]:
-            if (r["blocks"], r["method"], r["rank"]) == (blocks, method, rank):
-                return float(r[metric])
-        raise KeyError((blocks, method, rank))
-
-    return get
+def _matrix_flops(res: Results) -> float:
+    """The GEMM flops of a 10,000 × 1,000,000 matrix for the model of gemm_cpu.json."""
+    return 6 * 1e4 * 1e6 * float(_gemm(res, "p"))
 
 
-def _infl(
-    ranking: str, method: str, key: str = "auc_mean"
-) -> Callable[[Results], float]:
-    def get(res: Results) -> float:
-        for r in res.json(INFLUENTIAL)["rows"]:
-            if r["ranking"] == ranking and r["method"] == method:
-                return float(r[key])
-        raise KeyError((ranking, method))
+def _matrix_seconds(res: Results) -> float:
+    return _matrix_flops(res) / (float(_gemm(res, "gflops")) * 1e9)
 
-    return get
+
+def _split_e(v: float) -> Tuple[float, int]:
+    exp = math.floor(math.log10(v))
+    mant = round(v / 10**exp, 1)
+    if mant >= 10:
+        mant, exp = mant / 10, exp + 1
+    return mant, exp
+
+
+def _latex_e(v: float) -> str:
+    mant, exp = _split_e(v)
+    return f"{mant:.1f} \\cdot 10^{{{exp}}}"
+
+
+def _unicode_e(v: float) -> str:
+    mant, exp = _split_e(v)
+    return f"{mant:.1f} · 10{str(exp).translate(SUPERSCRIPT)}"
 
 
 def _fmt(
@@ -1046,62 +1393,7 @@ CLAIMS: List[Claim] = [
         P,
         _fmt(_peer(P, "a", "pydvl-lissa", "x_ours"), lambda v: f"–{v:.0f}×"),
     ),
-    # the paper's experiments
-    Claim(
-        "gradients (about 51 s for SMS",
-        MISLABEL,
-        _fmt(_gradient_seconds("sms"), lambda v: f"{v:.0f} s"),
-    ),
-    Claim(
-        "25 s for BBC News)",
-        MISLABEL,
-        _fmt(_gradient_seconds("bbc"), lambda v: f"{v:.0f} s"),
-    ),
-    Claim(
-        "EK-FAC has the best AUC (0.974)",
-        MISLABEL,
-        _fmt(_mislabel("sms", "EK-FAC"), f3),
-    ),
-    Claim("DataInf (0.959) is second", MISLABEL, _fmt(_mislabel("sms", "DataInf"), f3)),
-    Claim(
-        "the exact inverse (0.913)",
-        MISLABEL,
-        _fmt(_mislabel("sms", "Exact inverse"), f3),
-    ),
-    Claim(
-        "Hessian-free baseline (0.927)",
-        MISLABEL,
-        _fmt(_mislabel("sms", "Hessian-free"), f3),
-    ),
-    Claim(
-        "on seed 0 by 0.094",
-        MISLABEL,
-        _fmt(
-            _sub(_seed_auc("sms", 0, "DataInf"), _seed_auc("sms", 0, "Hessian-free")),
-            f3,
-        ),
-    ),
-    Claim(
-        "on BBC News DataInf is the weakest of the five (0.688",
-        MISLABEL,
-        _fmt(_mislabel("bbc", "DataInf"), f3),
-    ),
-    Claim("LiSSA's 0.766)", MISLABEL, _fmt(_mislabel("bbc", "LiSSA"), f3)),
-    Claim(
-        "on seeds 1 and 2 the two are within 0.001",
-        MISLABEL,
-        lambda r: (
-            f"{max(abs(_seed_auc('sms', k, 'DataInf')(r) - _seed_auc('sms', k, 'Hessian-free')(r)) for k in (1, 2)):.3f}"
-        ),
-    ),
-    Claim(
-        "at 11–18 times DataInf's time",
-        MISLABEL,
-        lambda r: "–".join(
-            f"{_mislabel(d, 'LiSSA', 'seconds_mean')(r) / _mislabel(d, 'DataInf', 'seconds_mean')(r):.0f}"
-            for d in ("sms", "bbc")
-        ),
-    ),
+    # out of core
     Claim(
         "takes 0.60 of the float32 store's disk",
         PRECISION,
@@ -1109,63 +1401,124 @@ CLAIMS: List[Claim] = [
             f"{r.json(PRECISION)['result']['float16']['disk_gb'] / r.json(PRECISION)['result']['float32_disk_gb']:.2f}"
         ),
     ),
+    # layers without a rule
     Claim(
-        "LiSSA (100 steps) is closer than DataInf in every cell",
-        APPROX,
+        "LoRA-MLP (1.28× above)",
+        FIT,
+        _fmt(_fit("lora_mlp_hooks", "ratio"), lambda v: f"({ratio(v)} above)"),
+    ),
+    Claim(
+        "lands just over 1.3×",
+        CUSTOM_LORA,
         lambda r: (
-            "every cell"
-            if all(
-                _approx(b, "LiSSA", k, "per_test_point")(r)
-                > _approx(b, "DataInf", k, "per_test_point")(r)
-                and _approx(b, "LiSSA", k, "aggregate")(r)
-                > _approx(b, "DataInf", k, "aggregate")(r)
-                for b in ("module", "lora")
-                for k in (1, 2, 4, 8)
-            )
-            else "NOT every cell"
+            "just over 1.3×"
+            if 1.3 <= r.json(CUSTOM_LORA)["custom_lora_mlp_hooks"]["ratio"] < 1.35
+            else ratio(r.json(CUSTOM_LORA)["custom_lora_mlp_hooks"]["ratio"])
+        ),
+    ),
+    # half precision
+    Claim(
+        "(median of 3 per-round ratios",
+        FIT_PRECISION,
+        lambda r: (
+            f"median of {len(r.json(FIT_PRECISION)['lora_mlp_hooks_float32']['ratios'])}"
         ),
     ),
     Claim(
-        "0.398 against 0.360 per test point",
-        APPROX,
-        _fmt(_approx("module", "LiSSA", 1, "per_test_point"), f3),
+        "a bfloat16 epoch takes half the float32 time",
+        FIT_PRECISION,
+        lambda r: (
+            "half"
+            if 0.45 <= _precision_ratio(r, "bfloat16", "floor_s") < 0.55
+            else f"{_precision_ratio(r, 'bfloat16', 'floor_s'):.2f} of"
+        ),
     ),
     Claim(
-        "0.398 against 0.360 per test point",
-        APPROX,
-        _fmt(_approx("module", "DataInf", 1, "per_test_point"), f3),
+        "`fit` keeps most of that gain",
+        FIT_PRECISION,
+        lambda r: (
+            "most of that gain"
+            if 1 - _precision_ratio(r, "bfloat16", "fit_s")
+            > 0.5 * (1 - _precision_ratio(r, "bfloat16", "floor_s"))
+            else "less than half of that gain"
+        ),
     ),
     Claim(
-        "0.794 against 0.790 aggregate",
-        APPROX,
-        _fmt(_approx("module", "LiSSA", 1, "aggregate"), f3),
+        "(an epoch takes 5× the float32 one)",
+        FIT_PRECISION,
+        lambda r: f"{_precision_ratio(r, 'float16', 'floor_s'):.0f}×",
+    ),
+    # cost model
+    Claim(
+        "1.28× for the LoRA-MLP and 1.06× for MiniLM above",
+        FIT,
+        _fmt(_fit("lora_mlp_hooks", "ratio"), lambda v: f"{ratio(v)} for the LoRA-MLP"),
     ),
     Claim(
-        "0.794 against 0.790 aggregate",
-        APPROX,
-        _fmt(_approx("module", "DataInf", 1, "aggregate"), f3),
+        "1.28× for the LoRA-MLP and 1.06× for MiniLM above",
+        FIT,
+        _fmt(_fit("minilm_lora_hooks", "ratio"), lambda v: f"{ratio(v)} for MiniLM"),
     ),
     Claim(
-        "0.333 against 0.329",
-        APPROX,
-        _fmt(_approx("lora", "Hessian-free", 8, "aggregate"), f3),
+        "gemm_cpu.json`, 2 threads)",
+        GEMM,
+        lambda r: f"{r.json(GEMM)['machine']['threads']} threads",
+    ),
+    Claim("(m = 64 test gradients", GEMM, lambda r: f"m = {_gemm(r, 'm')} test"),
+    Claim(
+        "a chunk of 4,096 rows, p = 296,450) run at 23.1 GFLOPS",
+        GEMM,
+        lambda r: f"a chunk of {_gemm(r, 'rows'):,} rows",
     ),
     Claim(
-        "0.333 against 0.329",
-        APPROX,
-        _fmt(_approx("lora", "DataInf", 8, "aggregate"), f3),
+        "a chunk of 4,096 rows, p = 296,450) run at 23.1 GFLOPS",
+        GEMM,
+        lambda r: f"p = {_gemm(r, 'p'):,})",
     ),
     Claim(
-        "exact inverse is far ahead (AUC 0.774",
-        INFLUENTIAL,
-        _fmt(_infl("magnitude", "Exact inverse"), f3),
+        "a chunk of 4,096 rows, p = 296,450) run at 23.1 GFLOPS",
+        GEMM,
+        lambda r: f"{_gemm(r, 'gflops'):.1f} GFLOPS",
     ),
     Claim(
-        "against 0.598 for DataInf)",
-        INFLUENTIAL,
-        _fmt(_infl("magnitude", "DataInf"), f3),
+        "\\cdot 296{,}450 = 1.8 \\cdot 10^{16}$ flops",
+        GEMM,
+        lambda r: f"{_gemm(r, 'p'):,}".replace(",", "{,}") + " = ",
     ),
-    Claim("DataInf's 0.497", INFLUENTIAL, _fmt(_infl("helpfulness", "DataInf"), f3)),
+    Claim(
+        "\\cdot 296{,}450 = 1.8 \\cdot 10^{16}$ flops",
+        GEMM,
+        lambda r: f"= {_latex_e(_matrix_flops(r))}$ flops",
+    ),
+    Claim(
+        "at 23.1 GFLOPS that is 7.7 · 10⁵ s (214 hours)",
+        GEMM,
+        lambda r: f"at {_gemm(r, 'gflops'):.1f} GFLOPS",
+    ),
+    Claim(
+        "at 23.1 GFLOPS that is 7.7 · 10⁵ s (214 hours)",
+        GEMM,
+        lambda r: (
+            f"{_unicode_e(_matrix_seconds(r))} s ({_matrix_seconds(r) / 3600:.0f} hours)"
+        ),
+    ),
+    Claim(
+        "$10^6 \\times 296{,}450 \\times 4$ bytes = 1.19 TB (0.59 TB in bfloat16)",
+        GEMM,
+        lambda r: (
+            f"{_gemm(r, 'p'):,}".replace(",", "{,}")
+            + f" \\times 4$ bytes = {1e6 * _gemm(r, 'p') * 4 / 1e12:.2f} TB "
+            f"({1e6 * _gemm(r, 'p') * 2 / 1e12:.2f} TB in bfloat16)"
+        ),
+    ),
+    Claim(
+        "256 / 10.55 s = 24 samples per second",
+        FIT,
+        lambda r: (
+            f"{MINILM_N} / {_fit('minilm_lora_hooks', 'fit_s')(r):.2f} s = "
+            f"{MINILM_N / _fit('minilm_lora_hooks', 'fit_s')(r):.0f} samples"
+        ),
+    ),
 ]
 
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Dict, List
 
 import pytest
 
@@ -62,10 +63,29 @@ def test_cited_results_files_exist(page: str) -> None:
     for name in set(
         re.findall(r"benchmarks/results/([\w./-]+\.(?:json|csv|md|txt))", page)
     ):
+        if "DTYPE" in name:  # a command's placeholder: one file per dtype
+            assert all(
+                docs_tables.Results().exists(name.replace("DTYPE", d))
+                for d in docs_tables.DTYPES
+            ), name
+            continue
         if docs_tables.Results().exists(name):
             continue
         # a table that says how to produce its missing file is allowed
         assert f"save its JSON as `benchmarks/results/{name}`" in page, name
+    # every file a "Source:" line names exists, the tutorials' files included
+    sources = re.findall(r"^\*Source: (.*)$", page, re.M)
+    # the files named before the command that wrote them
+    cited = [
+        n
+        for line in sources
+        for n in re.findall(
+            r"`([\w./-]+\.json)`", re.split(r", written by|; rerun", line)[0]
+        )
+    ]
+    assert any(n.startswith(docs_tables.NB) for n in cited)
+    for name in cited:
+        assert (ROOT / name).is_file(), name
 
 
 def test_page_speaks_to_users(page: str) -> None:
@@ -90,7 +110,9 @@ def test_page_speaks_to_users(page: str) -> None:
 def results_copy(tmp_path: Path) -> docs_tables.Results:
     dst = tmp_path / "results"
     shutil.copytree(docs_tables.RESULTS, dst)
-    return docs_tables.Results(dst)
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(docs_tables.NOTEBOOK_RESULTS, notebooks)
+    return docs_tables.Results(dst, notebooks)
 
 
 def test_stale_table_is_reported(page: str) -> None:
@@ -156,15 +178,106 @@ def test_unknown_table_is_reported() -> None:
     assert any("no-such-table" in p for p in docs_tables.check(page))
 
 
-def test_bold_marks_the_best_value() -> None:
-    """A method is bold only where no other method in its group scores higher."""
-    text = docs_tables.render("approximation")
+def _tables(text: str) -> List[List[List[str]]]:
+    """The markdown tables of `text`: their rows below the header, as cells."""
+    tables: List[List[List[str]]] = []
+    previous = ""
     for line in text.splitlines():
-        if line.startswith("|") and "**" in line and "DataInf" in line:
-            pytest.fail(f"DataInf bold although LiSSA scores higher: {line}")
-    mislabel = docs_tables.render("mislabeled")
-    assert "| EK-FAC | **0.974 ± 0.012**" in mislabel
-    assert "| DataInf | 0.959 ± 0.004" in mislabel
+        if line.startswith("|") and not previous.startswith("|"):
+            tables.append([])  # the header
+        elif line.startswith("|") and not set(line) <= set("|-: "):
+            tables[-1].append([c.strip() for c in line.strip("|").split("|")])
+        previous = line
+    return tables
+
+
+def _value(cell: str) -> float:
+    return float(cell.strip("*").split(" ")[0])
+
+
+def test_bold_marks_the_best_value() -> None:
+    """A cell is bold exactly where no other method of its group scores higher."""
+    text = docs_tables.render("mislabeled")
+    (rows,) = _tables(text)
+    groups: List[List[List[str]]] = []
+    for r in rows:  # one group per data set
+        if r[0]:
+            groups.append([])
+        groups[-1].append(r)
+    assert len(groups) == 2  # SMS spam and BBC News
+    for group in groups:
+        for col in (3, 4):
+            best = max(_value(r[col]) for r in group)
+            for r in group:
+                assert r[col].startswith("**") == (_value(r[col]) == best), r
+    # the approximation tables: one group per table, bold per rank column
+    text = docs_tables.render("approximation")
+    tables = _tables(text)
+    assert len(tables) == 2
+    for rows in tables:
+        for col in range(1, len(rows[0])):
+            values = [_value(r[col]) for r in rows if r[col] != "diverged"]
+            for r in rows:
+                if r[col] != "diverged":
+                    assert r[col].startswith("**") == (_value(r[col]) == max(values))
+
+
+def test_mislabel_table_follows_the_tutorial_results() -> None:
+    """The table is the mean and spread over seeds of `notebooks/results/mislabel.json`."""
+    doc = json.loads((docs_tables.NOTEBOOK_RESULTS / "mislabel.json").read_text())
+    runs = [
+        r
+        for r in doc["runs"]
+        if r["flip"] == 0.2 and r["epochs"] == doc["config"]["epochs"]
+    ]
+    aucs = [r["auc"] for r in runs if (r["dataset"], r["method"]) == ("sms", "DataInf")]
+    assert len(aucs) == len(doc["config"]["seeds"])
+    text = docs_tables.render("mislabeled")
+    mean = sum(aucs) / len(aucs)
+    row = next(
+        line
+        for line in text.splitlines()
+        if "SMS spam" in line and "| DataInf |" in line
+    )
+    assert f"{mean:.3f} ±" in row
+    # the sentence below the table ranks DataInf among all scores
+    by_method: Dict[str, List[float]] = {}
+    for r in runs:
+        if r["dataset"] == "sms":
+            by_method.setdefault(r["method"], []).append(r["auc"])
+    means = {m: sum(v) / len(v) for m, v in by_method.items()}
+    rank = 1 + sum(v > means["DataInf"] for v in means.values())
+    assert f"DataInf's {mean:.3f} ranks {rank} of {len(means)}" in text
+
+
+def test_changed_notebook_results_are_reported(
+    page: str, results_copy: docs_tables.Results
+) -> None:
+    path = results_copy.path(docs_tables.MISLABEL)
+    doc = json.loads(path.read_text())
+    doc["runs"][0]["auc"] = 0.123456
+    path.write_text(json.dumps(doc))
+    problems = docs_tables.check(page, results_copy)
+    assert any("'mislabeled'" in p for p in problems), problems
+
+
+def test_influential_prefers_the_full_run(results_copy: docs_tables.Results) -> None:
+    results_copy.path(docs_tables.INFLUENTIAL).unlink(missing_ok=True)
+    partial = docs_tables.render("influential", results_copy)
+    assert "has not been run yet" in partial
+    assert "influential_data_partial.json" in partial
+    full = json.loads(results_copy.path(docs_tables.INFLUENTIAL_PARTIAL).read_text())
+    full["mode"] = "full"
+    results_copy.path(docs_tables.INFLUENTIAL).write_text(json.dumps(full))
+    text = docs_tables.render("influential", results_copy)
+    assert "has not been run yet" not in text
+    assert "*Source: `notebooks/results/influential_data.json`" in text
+
+
+def test_results_paths_of_the_tutorials() -> None:
+    res = docs_tables.Results(Path("/nonexistent"), Path("/nb"))
+    assert res.path("notebooks/results/mislabel.json") == Path("/nb/mislabel.json")
+    assert res.path("bench_fit.json") == Path("/nonexistent/bench_fit.json")
 
 
 def test_cli_check_and_write(tmp_path: Path, page: str) -> None:
@@ -174,3 +287,33 @@ def test_cli_check_and_write(tmp_path: Path, page: str) -> None:
     assert docs_tables.main(["--write", "--page", str(target)]) == 0
     assert target.read_text() == page
     assert docs_tables.main(["--check", "--page", str(target)]) == 0
+
+
+def test_gpu_anchor_table_renders_its_results_file(
+    results_copy: docs_tables.Results,
+) -> None:
+    path = results_copy.path(docs_tables.GPU)
+    path.unlink(missing_ok=True)
+    assert "Not in the repository yet" in docs_tables.render("gpu-anchor", results_copy)
+    path.write_text(
+        json.dumps(
+            {
+                "device": "cuda",
+                "gpu": "Some GPU",
+                "n": 1024,
+                "m": 64,
+                "floor_s": 2.0,
+                "ours_fit_s": 2.5,
+                "ours_matrix_s": 0.5,
+                "ratio_to_floor": 1.5,
+                "gemm": {"gflops": 40000.0},
+                "pydvl_ihm": {"total_s": 30.0},
+                "kronfluence_ekfac": {"status": "skipped: not installed (x)"},
+            }
+        )
+    )
+    text = docs_tables.render("gpu-anchor", results_copy)
+    assert "| Some GPU |" in text
+    assert "| the 64 × 1024 matrix | 0.50 s |" in text
+    assert "| 1.50× |" in text and "| 40000 GFLOPS |" in text
+    assert "| 30.0 s |" in text and "skipped: not installed" in text

@@ -4,9 +4,12 @@ The executed copies go to a temporary folder: the notebooks in the repository
 keep the outputs of their full-mode run, which the docs render.
 """
 
+import base64
 import json
 import os
 import re
+import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -15,7 +18,9 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("[0-9]*.ipynb"))
+ROOT = Path(__file__).parents[1]
+RESULTS = ROOT / "notebooks" / "results"
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 
 
 def test_there_are_tutorials():
@@ -40,6 +45,9 @@ def test_notebook_runs_in_reduced_mode(path, tmp_path, monkeypatch):
     monkeypatch.setenv(
         "PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
     )
+    # the results files the notebooks read (they write only in full mode, or
+    # where DATAINF_RESULTS_DIR says; reduced runs write to this copy)
+    shutil.copytree(RESULTS, tmp_path / "results")
     book = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(
         book,
@@ -67,10 +75,6 @@ def test_notebook_runs_in_reduced_mode(path, tmp_path, monkeypatch):
         for o in c.outputs
     )
     assert images >= 1  # every tutorial draws at least one figure
-
-
-ROOT = Path(__file__).parents[1]
-RESULTS = ROOT / "notebooks" / "results"
 
 
 def _lambda_page():
@@ -125,18 +129,80 @@ def test_lambda_page_number_check_can_fail(tmp_path):
     assert page.replace("seeds", "seeds (0.123456)", 1) != page
 
 
-# notebook 3 is being rewritten; add it here once its text is fixed
-CHECKED_TEXT = [p for p in NOTEBOOKS if not p.name.startswith("3_")]
-
-
-@pytest.mark.parametrize("path", CHECKED_TEXT, ids=lambda p: p.stem)
-def test_no_control_characters_in_notebook_text(path):
-    """LaTeX such as \\text or \\rVert written through Python escapes turns into TAB or CR."""
-    book = nbformat.read(path, as_version=4)
-    bad = [
+def _control_characters(book):
+    """(cell index, character) of every control character in the cells' text."""
+    return [
         (i, repr(ch))
         for i, cell in enumerate(book.cells)
         for ch in "\t\r\x0b\x0c\x08\x07"
         if ch in cell.source
     ]
-    assert bad == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_control_characters_in_notebook_text(path):
+    """LaTeX such as \\text or \\rVert written through Python escapes turns into TAB or CR."""
+    assert _control_characters(nbformat.read(path, as_version=4)) == []
+
+
+def test_control_character_check_can_fail():
+    book = nbformat.v4.new_notebook()
+    book.cells = [
+        nbformat.v4.new_markdown_cell("$\\lVert g \\rVert$"),
+        nbformat.v4.new_markdown_cell("$\text{mean}$"),  # "\t" + "ext"
+    ]
+    assert _control_characters(book) == [(1, "'\\t'")]
+
+
+# the text of each notebook names the mode of the outputs it holds
+MODE_NOTES = {
+    "full": "The outputs shown here come from the **full**",
+    "reduced": "The outputs on this page are from the reduced mode",
+}
+
+
+def _printed_mode(book) -> str:
+    first = next(c for c in book.cells if c.cell_type == "code")
+    text = "".join(o.get("text", "") for o in first.get("outputs", []))
+    found = re.findall(r"mode: (full|reduced)", text)
+    assert found, "the first code cell has no output: run notebooks/execute.py"
+    return found[0]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_outputs_are_those_the_text_describes(path):
+    """The docs render the committed outputs: they exist, hold no error, and
+    the text says which mode made them."""
+    book = nbformat.read(path, as_version=4)
+    mode = _printed_mode(book)
+    code = [c for c in book.cells if c.cell_type == "code"]
+    assert all(c.get("outputs") for c in code), "a code cell has no output"
+    errors = [o for c in code for o in c.outputs if o.get("output_type") == "error"]
+    assert errors == []
+    text = "\n".join(c.source for c in book.cells if c.cell_type == "markdown")
+    assert MODE_NOTES[mode] in text
+    other = "reduced" if mode == "full" else "full"
+    assert MODE_NOTES[other] not in text
+
+
+def _png_dpi(png: bytes) -> float:
+    """The resolution a PNG declares (its pHYs chunk), in dots per inch."""
+    at = png.find(b"pHYs")
+    assert at > 0, "the PNG declares no resolution"
+    per_metre, _, unit = struct.unpack(">IIB", png[at + 4 : at + 13])
+    assert unit == 1  # metres
+    return per_metre * 0.0254
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_figures_are_at_least_150_dpi(path):
+    book = nbformat.read(path, as_version=4)
+    dpis = [
+        _png_dpi(base64.b64decode(o["data"]["image/png"]))
+        for c in book.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
+    assert dpis, "no figure"
+    assert min(dpis) >= 149.5
