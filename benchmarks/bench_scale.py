@@ -28,7 +28,7 @@ data. Three modes, each its own process so that peak RSS is per mode:
     then `influence_matrix` streams the `--n-test` x `--n-train` matrix from
     it. Beside it, with the same shapes and chunking on gradients already in
     memory: the three GEMMs alone (test-gradient x chunk, coefficients x
-    chunk, factors x chunk: 3 m n p flops), and one plain read of the store.
+    chunk, factors x chunk: 3 m n p multiply-adds, 6 m n p flops), and one plain read of the store.
     Reports `matrix_s / gemm_floor_s`.
 
 ``precision``
@@ -301,7 +301,7 @@ def run_floor(args: argparse.Namespace) -> Dict:
     )
     t_matrix = time.perf_counter() - t0
     p = infl.n_parameters
-    flops = 3 * args.n_test * args.n_train * p
+    flops = 6 * args.n_test * args.n_train * p  # 3 GEMMs: 3 m n p multiply-adds
     result = {
         "machine": machine(),
         "args": vars(args),

@@ -426,6 +426,61 @@ def _scale_pydvl(res: Results) -> str:
     )
 
 
+SCALE_FLOOR = {
+    "scale/floor-60k.json": "python benchmarks/bench_scale.py floor --n-train 60000 "
+    "--n-test 1000 --out /tmp/scale --save benchmarks/results/scale/floor-60k.json",
+    "scale/floor-1m.json": "python benchmarks/bench_scale.py floor --n-train 1000000 "
+    "--n-test 1000 --out /tmp/scale --save benchmarks/results/scale/floor-1m.json",
+}
+
+
+@register("scale-floor")
+def _scale_floor(res: Results) -> str:
+    stored = [name for name in SCALE_FLOOR if res.exists(name)]
+    if not stored:
+        name, command = next(iter(SCALE_FLOOR.items()))
+        return not_stored(
+            name, command, "the out-of-core matrix against its GEMM floor"
+        )
+    rows = []
+    for name in stored:
+        r = res.json(name)
+        n, m = r["args"]["n_train"], r["args"]["n_test"]
+        rows.append(
+            [
+                f"{m:,} × {n:,}",
+                f"{r['store_gb_on_disk']:.2f} GB",
+                f"{r['fit_s']:.1f} s",
+                f"{r['gemm_floor_s']:.1f} s",
+                f"{r['store_read_s']:.1f} s",
+                f"{r['matrix_s']:.1f} s",
+                f"**{ratio(r['matrix_over_gemm_floor'])}**",
+                f"{r['peak_rss_gb']:.2f} GB",
+                f"{r['spot_check_rel_err']:.1e}",
+            ]
+        )
+    return "\n\n".join(
+        [
+            table(
+                [
+                    "matrix (test × training)",
+                    "store on disk",
+                    "`fit`",
+                    "GEMM floor",
+                    "one read of the store",
+                    "`influence_matrix`",
+                    "matrix / floor",
+                    "peak RSS",
+                    "spot check, rel. error",
+                ],
+                rows,
+                "lrrrrrrrr",
+            ),
+            source(*stored, command="; ".join(SCALE_FLOOR[n] for n in stored)),
+        ]
+    )
+
+
 PRECISION = "scale/precision.json"
 PRECISION_COMMAND = (
     "python benchmarks/bench_scale.py precision --threads 1 --out /tmp/scale"

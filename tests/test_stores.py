@@ -284,7 +284,7 @@ def test_recompute_replays_the_loader_and_checks_it(tmp_path):
     model, loss, x, y, xt, yt = make_case("mlp", n=20)
     infl = DataInfInfluence(model, loss, progress=False, store="recompute")
     infl.fit(loader(x, y))
-    assert infl.store.passes == 0 and infl._rows is None
+    assert infl.store.passes == 0 and infl.state.rows is None
     infl.influence_factors(xt, yt)
     assert infl.store.passes == 1
     infl.store.loader = loader(x.flip(0), y.flip(0))  # the data changed
