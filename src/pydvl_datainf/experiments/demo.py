@@ -200,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     # deprecation notices of pyDVL's and transformers' dependencies
     warnings.filterwarnings("ignore", category=FutureWarning)
     # the fit's log line lists λ of every block: too long for the demo's output
-    logging.getLogger("pydvl_datainf.influence").setLevel(logging.WARNING)
+    logging.getLogger("pydvl_datainf.fit").setLevel(logging.WARNING)
     progress = not args.no_progress
     start = time.perf_counter()
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import (
@@ -163,7 +162,7 @@ class GradientStore(ABC):
 
     random_access: bool = True
     accepts_factored: bool = False
-    _prefetch: bool = False  # read the next chunk in a thread while one is used
+    _trim_heap: bool = False  # return freed chunk buffers to the OS after each read
 
     def __init__(self, block_names: Sequence[str]):
         self.block_names: List[str] = list(block_names)
@@ -224,18 +223,13 @@ class GradientStore(ABC):
             def read(c: int) -> Dict[str, torch.Tensor]:
                 return self.read(c * rows, min(self.n, (c + 1) * rows))
 
-            if not self._prefetch or len(todo) < 2:
-                for c in todo:
-                    yield c, c * rows, read(c)
-                return
-            with ThreadPoolExecutor(1, thread_name_prefix="datainf-read") as pool:
-                nxt = pool.submit(read, todo[0])
-                for i, c in enumerate(todo):
-                    data = nxt.result()
-                    if i + 1 < len(todo):
-                        nxt = pool.submit(read, todo[i + 1])
-                    yield c, c * rows, data
-                    del data
+            # Reading ahead is the caller's choice (the operator's prefetching
+            # reader), so that chunks are never read ahead twice.
+            for c in todo:
+                data = read(c)
+                yield c, c * rows, data
+                del data
+                if self._trim_heap:
                     trim_heap()
             return
         for start, grads in self.chunks(rows):

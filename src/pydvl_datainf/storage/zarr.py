@@ -152,7 +152,7 @@ class ZarrGradientStore(GradientStore):
         ```
     """
 
-    _prefetch = True
+    _trim_heap = True
 
     def __init__(
         self,
