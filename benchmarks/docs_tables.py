@@ -453,6 +453,11 @@ def _scale_floor(res: Results) -> str:
                 f"{r['fit_s']:.1f} s",
                 f"{r['gemm_floor_s']:.1f} s",
                 f"{r['store_read_s']:.1f} s",
+                (
+                    f"{r['store_read_reused_buffers_s']:.1f} s"
+                    if "store_read_reused_buffers_s" in r
+                    else "—"
+                ),
                 f"{r['matrix_s']:.1f} s",
                 f"**{ratio(r['matrix_over_gemm_floor'])}**",
                 f"{r['peak_rss_gb']:.2f} GB",
@@ -467,14 +472,15 @@ def _scale_floor(res: Results) -> str:
                     "store on disk",
                     "`fit`",
                     "GEMM floor",
-                    "one read of the store",
+                    "one read of the store, through Zarr",
+                    "one read, reused buffers",
                     "`influence_matrix`",
                     "matrix / floor",
                     "peak RSS",
                     "spot check, rel. error",
                 ],
                 rows,
-                "lrrrrrrrr",
+                "lrrrrrrrrr",
             ),
             source(*stored, command="; ".join(SCALE_FLOOR[n] for n in stored)),
         ]
@@ -536,7 +542,6 @@ def _precision(res: Results) -> str:
 MISLABEL = NB + "mislabel.json"
 APPROX = NB + "approximation.json"
 INFLUENTIAL = NB + "influential_data.json"
-INFLUENTIAL_PARTIAL = NB + "influential_data_partial.json"
 EXECUTE = "python notebooks/execute.py --mode full --inplace {}"
 DATASET_LABELS = {"sms": "SMS spam", "bbc": "BBC News"}
 INFLUENCE_METHODS = ["DataInf", "Exact inverse", "LiSSA", "Hessian-free", "EK-FAC"]
@@ -546,6 +551,7 @@ INFLUENTIAL_LABELS = {
     "datainf": "DataInf",
     "exact": "Exact inverse",
     "lissa": "LiSSA",
+    "ekfac": "EK-FAC",
     "hessian_free": "Hessian-free",
     "cosine": "Gradient cosine",
 }
@@ -725,26 +731,27 @@ def _approximation(res: Results) -> str:
     return "\n\n".join(out)
 
 
-INFLUENTIAL_PARTIAL_RERUN = (
-    "run_influential_data(task, 12, 3, classes=5, epochs=2, lissa_iterations=20)"
-)
+INFLUENTIAL_SCOPES = {
+    "target": "loss on the completion",
+    "sequence": "loss on the whole text",
+}
 
 
 @register("influential")
 def _influential(res: Results) -> str:
-    full = res.exists(INFLUENTIAL)
-    name = INFLUENTIAL if full else INFLUENTIAL_PARTIAL
-    doc = res.json(name)
-    rows, lines, notes = [], [], []
+    doc = res.json(INFLUENTIAL)
+    rows, lines = [], []
     for t in doc["tasks"]:
         ms = t["methods"]
         cfg = t["config"]
+        scope = INFLUENTIAL_SCOPES[cfg["loss_on"]]
         best_auc = max(v["auc"] for v in ms.values())
         best_recall = max(v["recall"] for v in ms.values())
         for i, (m, v) in enumerate(ms.items()):
             rows.append(
                 [
                     t["task"] if i == 0 else "",
+                    scope if i == 0 else "",
                     INFLUENTIAL_LABELS.get(m, m),
                     bold(f3(v["auc"]), f3(v["auc"]) == f3(best_auc)),
                     bold(f3(v["recall"]), f3(v["recall"]) == f3(best_recall)),
@@ -757,44 +764,31 @@ def _influential(res: Results) -> str:
             if v["recall"] > d["recall"]
         ]
         lines.append(
-            f"* {t['task']} ({cfg['classes']} classes, {cfg['n_train_per_class']} "
-            f"training and {cfg['n_test_per_class']} test examples per class, "
-            f"{cfg['epochs']} epochs, seed {cfg['seed']}; chance recall "
-            f"{f3(1 / cfg['classes'])}; test exact match of the fine-tuned model "
-            f"{f3(t['quality']['test_exact'])}): DataInf's recall {f3(d['recall'])}"
+            f"* {t['task']}, {scope} ({cfg['classes']} classes, "
+            f"{cfg['n_train_per_class']} training and {cfg['n_test_per_class']} test "
+            f"examples per class, {cfg['epochs']} epochs, seed {cfg['seed']}; chance "
+            f"recall {f3(1 / cfg['classes'])}; test exact match of the fine-tuned "
+            f"model {f3(t['quality']['test_exact'])}): DataInf's recall "
+            f"{f3(d['recall'])}"
             + (f" is below {_listing(ahead)}." if ahead else " is the best.")
         )
-    if full:
-        notes.append(
-            "Full mode of the tutorial, at the sizes given below the table (one "
-            "seed); a training example counts as a match when it comes from the "
-            "test prompt's class; best per task in bold."
-        )
-        made = source(name, command=EXECUTE.format("3_influential_data"))
-    else:
-        notes.append(
-            "The tutorial's full mode has not been run yet: its results file "
-            f"`{INFLUENTIAL}` is not in the repository. Shown instead: a smaller "
-            "run of two of its tasks, configurations below. A training example "
-            "counts as a match when it comes from the test prompt's class; best "
-            "per task in bold."
-        )
-        made = (
-            f"*Source: `{name}`; rerun with `{INFLUENTIAL_PARTIAL_RERUN}` from "
-            "`pydvl_datainf.experiments.llm`, for each task. "
-            f"`{EXECUTE.format('3_influential_data')}` writes `{INFLUENTIAL}`, "
-            "which then replaces this table.*"
-        )
+    note = (
+        "Full mode of the tutorial, at the sizes given below the table (one "
+        "seed); the loss, for fine-tuning and for the gradients, scores either "
+        "the completion's tokens or every token of the text (as the paper's code "
+        "does); a training example counts as a match when it comes from the test "
+        "prompt's class; best per run in bold."
+    )
     return "\n\n".join(
-        notes
-        + [
+        [
+            note,
             table(
-                ["task", "method", "class-match AUC", "class-match recall"],
+                ["task", "loss", "method", "class-match AUC", "class-match recall"],
                 rows,
-                "llrr",
+                "lllrr",
             ),
             "\n".join(lines),
-            made,
+            source(INFLUENTIAL, command=EXECUTE.format("3_influential_data")),
         ]
     )
 
@@ -1612,6 +1606,102 @@ def update(text: str, res: Optional[Results] = None) -> str:
     return PEERS.sub(sub, REGION.sub(sub, text))
 
 
+# --- figures quoted on other pages ------------------------------------------
+
+
+def _mislabel_auc(dataset: str, method: str) -> Callable[[Results], str]:
+    """`mean ± std` of a method's mislabel AUC over seeds (the main runs)."""
+
+    def get(res: Results) -> str:
+        runs = _mislabel_main(res.json(MISLABEL))
+        mean, std = _grouped(runs, ["dataset", "method"], "auc")[dataset, method]
+        return f"{mean:.3f} ± {std:.3f}"
+
+    return get
+
+
+def _influential_metric(
+    task: str, scope: str, method: str, metric: str = "recall"
+) -> Callable[[Results], str]:
+    """A method's class-match metric in one run of the influential-data tutorial."""
+
+    def get(res: Results) -> str:
+        for t in res.json(INFLUENTIAL)["tasks"]:
+            if t["task"] == task and t["config"]["loss_on"] == scope:
+                return f3(t["methods"][method][metric])
+        raise KeyError(f"no run of {task!r} with the loss on {scope!r}")
+
+    return get
+
+
+PAGE_CLAIMS: Dict[str, List[Claim]] = {
+    "faq.md": [
+        Claim(
+            "DataInf's AUC is 0.979 ± 0.013 over 3 seeds",
+            MISLABEL,
+            _mislabel_auc("sms", "DataInf"),
+        ),
+        Claim("LiSSA (0.988 ± 0.013)", MISLABEL, _mislabel_auc("sms", "LiSSA")),
+        Claim("EK-FAC (0.984 ± 0.015)", MISLABEL, _mislabel_auc("sms", "EK-FAC")),
+        Claim(
+            "DataInf's 0.817 ± 0.049 ranks", MISLABEL, _mislabel_auc("bbc", "DataInf")
+        ),
+        Claim(
+            "The training loss (0.989 ± 0.005)",
+            MISLABEL,
+            _mislabel_auc("bbc", "Training loss"),
+        ),
+        Claim("LiSSA (0.874 ± 0.032)", MISLABEL, _mislabel_auc("bbc", "LiSSA")),
+        Claim(
+            "DataInf's recall on sentence transformations is 0.251",
+            INFLUENTIAL,
+            _influential_metric("sentence transformations", "target", "datainf"),
+        ),
+        Claim(
+            "the exact per-block inverse (0.424)",
+            INFLUENTIAL,
+            _influential_metric("sentence transformations", "target", "exact"),
+        ),
+        Claim(
+            "EK-FAC (0.391)",
+            INFLUENTIAL,
+            _influential_metric("sentence transformations", "target", "ekfac"),
+        ),
+        Claim(
+            "the gradient cosine (0.364)",
+            INFLUENTIAL,
+            _influential_metric("sentence transformations", "target", "cosine"),
+        ),
+        Claim(
+            "DataInf reaches 0.500 on math with reasoning",
+            INFLUENTIAL,
+            _influential_metric("math with reasoning", "sequence", "datainf"),
+        ),
+        Claim(
+            "gradient cosine (0.597)",
+            INFLUENTIAL,
+            _influential_metric("math with reasoning", "sequence", "cosine"),
+        ),
+        Claim(
+            "LiSSA (0.558)",
+            INFLUENTIAL,
+            _influential_metric("math with reasoning", "sequence", "lissa"),
+        ),
+        Claim(
+            "EK-FAC (0.526)",
+            INFLUENTIAL,
+            _influential_metric("math with reasoning", "sequence", "ekfac"),
+        ),
+        Claim(
+            "Hessian-free (0.524)",
+            INFLUENTIAL,
+            _influential_metric("math with reasoning", "sequence", "hessian_free"),
+        ),
+    ],
+}
+"""Figures quoted in other pages of `docs/`, by page: checked by the tests."""
+
+
 def check(text: str, res: Optional[Results] = None) -> List[str]:
     """Problems of a page: stale tables, unknown tables, figures not backed by a results file."""
     res = res or Results()
@@ -1627,8 +1717,17 @@ def check(text: str, res: Optional[Results] = None) -> List[str]:
             problems.append(
                 f"table {name!r} differs from its results (run docs_tables.py --write)"
             )
+    return problems + check_claims(text, CLAIMS, res)
+
+
+def check_claims(
+    text: str, claims: Sequence[Claim], res: Optional[Results] = None
+) -> List[str]:
+    """Problems of the figures `claims` quote in `text` (any page of the docs)."""
+    res = res or Results()
+    problems = []
     flat = " ".join(text.split())
-    for claim in CLAIMS:
+    for claim in claims:
         if claim.quote not in flat:
             problems.append(f"quoted figure not found in the page: {claim.quote!r}")
             continue

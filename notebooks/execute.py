@@ -2,6 +2,7 @@
 
     python notebooks/execute.py --mode full --inplace          # refresh outputs
     python notebooks/execute.py --mode reduced --out /tmp/nb   # what CI runs
+    python notebooks/execute.py --mode full --inplace --timeout 14400 3_influential_data
 
 The mode reaches the notebooks through the environment variable
 `DATAINF_NOTEBOOK_MODE` (`full` is the default when a notebook is opened by
@@ -28,7 +29,7 @@ def notebooks(names: list[str] | None = None) -> list[Path]:
     return found
 
 
-def execute(path: Path, mode: str, out: Path, timeout: int = 3600) -> float:
+def execute(path: Path, mode: str, out: Path, timeout: int = 10800) -> float:
     """Run one notebook with `DATAINF_NOTEBOOK_MODE=mode`; write it to `out`.
 
     Returns:
@@ -59,13 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", help="notebooks to run (default: all)")
     ap.add_argument("--mode", choices=["full", "reduced"], default="reduced")
+    ap.add_argument(
+        "--timeout", type=int, default=10800, help="seconds allowed to one cell"
+    )
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--inplace", action="store_true", help="overwrite the notebooks")
     where.add_argument("--out", type=Path, default=Path("out/notebooks"))
     args = ap.parse_args(argv)
     for path in notebooks(args.names):
         target = path if args.inplace else args.out / path.name
-        seconds = execute(path, args.mode, target)
+        seconds = execute(path, args.mode, target, args.timeout)
         print(
             f"{path.name}: {args.mode} mode in {seconds:.0f} s -> {target}", flush=True
         )

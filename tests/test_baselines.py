@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from models import make_case
 from pydvl_datainf import DataInfInfluence
 from pydvl_datainf.experiments import baselines as B
+from pydvl_datainf.experiments import ekfac as E
 from pydvl_datainf.experiments.pipelines import block_regularization
 from reference import dense_exact_inverse, dense_R, per_sample_grads, rel_err
 
@@ -187,10 +188,12 @@ def float32_case(case, n=40, m=5):
 @pytest.mark.parametrize("case", ["lora", "mlp"])  # without / with biases
 def test_ekfac_application_matches_explicit_kronecker_inverse(case):
     infl, model, loss, x, y, xt, yt = float32_case(case)
-    ekfac = B.ekfac_fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    ekfac = E.fit_pydvl_ekfac(model, DataLoader(TensorDataset(x, y), batch_size=8))
     g_train = B.training_gradients(infl)
     g_test = infl.per_sample_gradients(xt, yt)
-    got = B.ekfac_influences(ekfac, g_test, g_train, regularization_scale=0.1)
+    got = E.ekfac_influences(
+        E.from_pydvl(ekfac), g_test, g_train, regularization_scale=0.1
+    )
     rep = ekfac.ekfac_representation
     want = torch.zeros(len(xt), len(x), dtype=torch.float64)
     for name, module, qa, qg, diag in zip(
@@ -215,7 +218,7 @@ def test_ekfac_application_matches_explicit_kronecker_inverse(case):
 
 def test_ekfac_rejects_blocks_that_are_not_one_layer():
     infl, model, loss, x, y, xt, yt = float32_case("lora")
-    ekfac = B.ekfac_fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    ekfac = E.fit_pydvl_ekfac(model, DataLoader(TensorDataset(x, y), batch_size=8))
     g = B.training_gradients(infl)
     merged = {k.replace("lora_A", "X").replace("lora_B", "X") for k in g}
     groups = {
@@ -224,7 +227,7 @@ def test_ekfac_rejects_blocks_that_are_not_one_layer():
     }
     gm = B.merge_blocks(g, groups)
     with pytest.raises(ValueError, match="do not match"):
-        B.ekfac_influences(ekfac, gm, gm)
+        E.ekfac_influences(E.from_pydvl(ekfac), gm, gm)
 
 
 def test_roc_auc_matches_sklearn():

@@ -47,6 +47,21 @@ def test_quoted_figures_come_from_results(page: str) -> None:
     assert docs_tables.check(page) == []
 
 
+@pytest.mark.parametrize("name", sorted(docs_tables.PAGE_CLAIMS))
+def test_figures_quoted_on_other_pages_come_from_results(name: str) -> None:
+    text = (docs_tables.ROOT / "docs" / name).read_text(encoding="utf-8")
+    claims = docs_tables.PAGE_CLAIMS[name]
+    assert claims
+    assert docs_tables.check_claims(text, claims) == []
+
+
+def test_a_changed_figure_on_another_page_is_reported() -> None:
+    text = (docs_tables.ROOT / "docs" / "faq.md").read_text(encoding="utf-8")
+    claim = docs_tables.PAGE_CLAIMS["faq.md"][0]
+    wrong = text.replace(claim.quote.split()[-4], "0.111")
+    assert docs_tables.check_claims(wrong, [claim]) != []
+
+
 def test_no_markdown_table_outside_generated_regions(page: str) -> None:
     """Tables of numbers exist only where a results file renders them."""
     rest = docs_tables.PEERS.sub("", docs_tables.REGION.sub("", page))
@@ -261,17 +276,16 @@ def test_changed_notebook_results_are_reported(
     assert any("'mislabeled'" in p for p in problems), problems
 
 
-def test_influential_prefers_the_full_run(results_copy: docs_tables.Results) -> None:
-    results_copy.path(docs_tables.INFLUENTIAL).unlink(missing_ok=True)
-    partial = docs_tables.render("influential", results_copy)
-    assert "has not been run yet" in partial
-    assert "influential_data_partial.json" in partial
-    full = json.loads(results_copy.path(docs_tables.INFLUENTIAL_PARTIAL).read_text())
-    full["mode"] = "full"
-    results_copy.path(docs_tables.INFLUENTIAL).write_text(json.dumps(full))
+def test_influential_names_the_loss_scope(results_copy: docs_tables.Results) -> None:
+    path = results_copy.path(docs_tables.INFLUENTIAL)
+    doc = json.loads(path.read_text())
     text = docs_tables.render("influential", results_copy)
-    assert "has not been run yet" not in text
-    assert "*Source: `notebooks/results/influential_data.json`" in text
+    for scope in {t["config"]["loss_on"] for t in doc["tasks"]}:
+        assert docs_tables.INFLUENTIAL_SCOPES[scope] in text
+    doc["tasks"][0]["config"]["loss_on"] = "everything"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KeyError):
+        docs_tables.render("influential", results_copy)
 
 
 def test_results_paths_of_the_tutorials() -> None:

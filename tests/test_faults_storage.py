@@ -246,6 +246,40 @@ def test_corrupt_chunk_raises(damage, dtype, tmp_path):
         store.verify()
 
 
+@pytest.mark.parametrize("damage", ["deleted", "one-bit", "truncated", "extended"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_raw_chunk_reads_refuse_damage(damage, dtype, tmp_path):
+    """The direct file reads (reused buffers) check as much as Zarr's reads."""
+    path = str(tmp_path / "g.zarr")
+    write_store(path, dtype)
+    f = chunk_file(path, "grads/1", 1)
+    raw = bytearray(open(f, "rb").read())
+    if damage == "deleted":
+        os.remove(f)
+    else:
+        if damage == "one-bit":
+            raw[5] ^= 0x01
+        elif damage == "truncated":
+            raw = raw[:-6]
+        else:
+            raw += b"\0\0"
+        open(f, "wb").write(bytes(raw))
+    store = ZarrGradientStore.open(path)
+    expected = CHUNK * 2 * (4 if dtype == "float32" else 2) + 4  # block b: 2 columns
+    problem = {
+        "deleted": "is missing",
+        "one-bit": "is corrupt",
+        "truncated": f"has {expected - 6} bytes, {expected} expected",
+        "extended": f"has {expected + 2} bytes, {expected} expected",
+    }[damage]
+    msg = rf"grads/1.*chunk \(1, 0\) {problem}.*overwrite=True"
+    chunks = store.iter_chunks(CHUNK, buffers=3)
+    c, start, first = next(chunks)  # chunk 0 is sound
+    assert (c, start) == (0, 0)
+    with pytest.raises(StoreCorruptError, match=msg):
+        next(chunks)
+
+
 @pytest.mark.parametrize("array", ["grads/1", "norms/0"])
 def test_shrunken_shape_raises(array, tmp_path):
     path = str(tmp_path / "g.zarr")

@@ -394,3 +394,77 @@ def test_zarr_take_scattered_and_contiguous(tmp_path):
         assert torch.equal(got["a"], a[t]) and torch.equal(got["b"], b[t])
     with pytest.raises(RuntimeError, match="finalized"):
         store.append({"a": a[:1], "b": b[:1]})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_raw_chunk_reads_equal_zarr_reads_and_reuse_buffers(dtype, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    grads = {"a": torch.randn(11, 5, generator=g), "b": torch.randn(11, 3, generator=g)}
+    store = ZarrGradientStore(
+        tmp_path / "g.zarr", ["a", "b"], dtype=dtype, chunk_rows=4
+    )
+    store.append(grads)
+    store.finalize()
+    store = ZarrGradientStore.open(str(tmp_path / "g.zarr"))
+    want = [
+        (c, s, {k: v.clone() for k, v in ch.items()})
+        for c, s, ch in store.iter_chunks(4)
+    ]
+    seen, pointers = [], []
+    for c, s, ch in store.iter_chunks(4, buffers=2):
+        seen.append((c, s, {k: v.clone() for k, v in ch.items()}))
+        pointers.append(ch["a"].data_ptr())
+    assert [(c, s) for c, s, _ in seen] == [(0, 0), (1, 4), (2, 8)]
+    for (_, _, a), (_, _, b) in zip(want, seen):
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])
+    assert seen[2][2]["a"].shape == (3, 5)  # the last chunk: its rows only
+    if dtype in ("float32", "float64"):  # read in place: two buffers in turn
+        assert pointers[0] == pointers[2] != pointers[1]
+    # only the wanted chunks, in order
+    assert [c for c, _, _ in store.iter_chunks(4, [2, 0], buffers=2)] == [0, 2]
+
+
+def test_raw_chunk_reads_fall_back_where_they_do_not_apply(tmp_path):
+    from zarr.codecs import ZstdCodec
+
+    from pydvl_datainf.storage.integrity import RawChunkReader
+
+    g = torch.Generator().manual_seed(1)
+    grads = {"a": torch.randn(9, 4, generator=g)}
+    store = ZarrGradientStore(
+        tmp_path / "z.zarr", ["a"], chunk_rows=4, compressors=ZstdCodec()
+    )
+    store.append(grads)
+    store.finalize()
+    arr = zarr.open_group(str(tmp_path / "z.zarr"), mode="r")["grads/0"]
+    assert RawChunkReader.for_array(arr, "grads/0", "z.zarr") is None  # compressed
+    got = torch.cat([ch["a"] for _, _, ch in store.iter_chunks(4, buffers=3)])
+    assert torch.equal(got, grads["a"])
+    # chunk sizes other than the store's: through Zarr, still equal
+    got = torch.cat([ch["a"] for _, _, ch in store.iter_chunks(3, buffers=3)])
+    assert torch.equal(got, grads["a"])
+
+
+def test_raw_chunk_writer_writes_what_zarr_reads(tmp_path):
+    from pydvl_datainf.storage.integrity import (
+        RawChunkReader,
+        RawChunkWriter,
+        create_checked_array,
+        verify_array,
+    )
+
+    group = zarr.open_group(str(tmp_path / "m.zarr"), mode="w")
+    arr = create_checked_array(group, "m", shape=(6, 5), chunks=(4, 5), dtype="float64")
+    tile = np.arange(20, dtype="float64").reshape(4, 5)
+    writer = RawChunkWriter.for_array(arr)
+    writer.write((0, 0), tile)
+    arr[4:] = np.full((2, 5), -1.0)  # the edge chunk through Zarr
+    assert verify_array(arr, "m", "m.zarr") == 2  # checksums as Zarr's
+    assert (arr[:4] == tile).all() and (arr[4:] == -1).all()
+    reader = RawChunkReader.for_array(arr, "m", "m.zarr")
+    assert (reader.read_into((0, 0), reader.new_buffer()) == tile).all()
+    with pytest.raises(ValueError, match="whole chunk"):
+        writer.write((1, 0), tile[:2])
+    with pytest.raises(ValueError, match="whole chunk"):
+        writer.write((0, 0), tile.astype("float32"))

@@ -359,11 +359,21 @@ class DataInfOperator:
         return start, min(self.n, start + self.chunk_rows)
 
     def iter_chunks(
-        self, chunk_ids: Optional[Iterable[int]] = None
+        self, chunk_ids: Optional[Iterable[int]] = None, *, reuse_buffers: bool = True
     ) -> Iterator[Tuple[int, int, Dict[str, torch.Tensor]]]:
-        """`(chunk_id, start, {block: (k, d_l)})` over the wanted chunks, read ahead."""
+        """`(chunk_id, start, {block: (k, d_l)})` over the wanted chunks, read ahead.
+
+        Args:
+            chunk_ids: the chunks (all if `None`).
+            reuse_buffers: let the store read into buffers used in rotation
+                (a local, uncompressed Zarr store does): a yielded chunk is
+                then valid only until the next one is requested; copy it to
+                keep it. `False`: fresh memory for every chunk.
+        """
+        buffers = self.prefetch + 2 if reuse_buffers else 0
         return prefetch(
-            self.state.store.iter_chunks(self.chunk_rows, chunk_ids), self.prefetch
+            self.state.store.iter_chunks(self.chunk_rows, chunk_ids, buffers),
+            self.prefetch,
         )
 
     def _norms(self, k: str, start: int, like: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,10 @@ This subpackage reproduces the paper's experiments on top of the library
   sequence classifier (the packaged MiniLM or the user's own model);
 * [baselines][pydvl_datainf.experiments.baselines]: the influence methods
   DataInf is compared with, and the metrics;
+* [ekfac][pydvl_datainf.experiments.ekfac]: EK-FAC under any per-sample
+  loss, or read from pyDVL;
+* [generative_tasks][pydvl_datainf.experiments.generative_tasks] and
+  [llm][pydvl_datainf.experiments.llm]: the causal language model experiment;
 * [pipelines][pydvl_datainf.experiments.pipelines]: fine-tune, then compare
   methods (used by the tutorials and the demo);
 * [demo][pydvl_datainf.experiments.demo]: `python -m pydvl_datainf.demo`.

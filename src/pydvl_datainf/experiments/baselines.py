@@ -12,7 +12,7 @@ helpful training point. The paper's $\mathcal{I}$ is the negative.
 | [datainf_influences][pydvl_datainf.experiments.baselines.datainf_influences] | $\frac{1}{n}\sum_i (g_{il} g_{il}^\top + \lambda_l I)^{-1}$ (DataInf by the library's operator, on given gradients) |
 | [lissa_influences][pydvl_datainf.experiments.baselines.lissa_influences] | LiSSA's stochastic estimate of $(G_l + \lambda_l I)^{-1}$ |
 | [hessian_free_influences][pydvl_datainf.experiments.baselines.hessian_free_influences] | $I$ (gradient dot products) |
-| [ekfac_influences][pydvl_datainf.experiments.baselines.ekfac_influences] | EK-FAC's Kronecker-factored eigenbasis, fitted by pyDVL's `EkfacInfluence` |
+| [ekfac_influences][pydvl_datainf.experiments.ekfac.ekfac_influences] | EK-FAC's Kronecker-factored eigenbasis (in [ekfac][pydvl_datainf.experiments.ekfac]) |
 
 The "exact" baseline is our own: pyDVL 0.10's
 `DirectInfluence(second_order_mode=GAUSS_NEWTON)` is mis-normalised.
@@ -53,14 +53,12 @@ Example:
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
-from torch import nn
 
 from pydvl_datainf import formula
 from pydvl_datainf.operator import DataInfOperator
@@ -79,8 +77,6 @@ __all__ = [
     "gradient_norms",
     "lissa_factors",
     "lissa_influences",
-    "ekfac_fit",
-    "ekfac_influences",
     "roc_auc",
     "detection_metrics",
     "class_match_metrics",
@@ -581,152 +577,6 @@ def lissa_influences(
     factors = lissa_factors(
         test, train, regularization, iterations, batch_size, scale, seed
     )
-    return _dot(factors, train)
-
-
-# ------------------------------------------------------------------- EK-FAC
-def _as_layer_matrix(
-    v: torch.Tensor, out_f: int, cols: int, has_bias: bool
-) -> torch.Tensor:
-    """Flat `[weight (out, in) row-major, bias (out,)]` to `(m, out, in [+1])`."""
-    if not has_bias:
-        return v.reshape(-1, out_f, cols)
-    w = v[:, : out_f * (cols - 1)].reshape(-1, out_f, cols - 1)
-    b = v[:, out_f * (cols - 1) :].reshape(-1, out_f, 1)
-    return torch.cat([w, b], dim=2)
-
-
-def _from_layer_matrix(x: torch.Tensor, has_bias: bool) -> torch.Tensor:
-    """Inverse of `_as_layer_matrix`."""
-    if not has_bias:
-        return x.reshape(len(x), -1)
-    return torch.cat([x[:, :, :-1].reshape(len(x), -1), x[:, :, -1]], dim=1)
-
-
-def ekfac_fit(model: nn.Module, data: Any, progress: bool = False) -> Any:
-    """Fit pyDVL's `EkfacInfluence` (with the diagonal update) in eval mode.
-
-    The model's trainable leaf modules must all be `nn.Linear` (as the LoRA
-    matrices are) and its loss cross-entropy.
-
-    Args:
-        model: the model.
-        data: a DataLoader of `(x, y)` training batches.
-        progress: show pyDVL's progress bars.
-
-    Returns:
-        The fitted `pydvl.influence.torch.EkfacInfluence`.
-
-    Example:
-        ```python
-        import torch
-        from torch.utils.data import DataLoader, TensorDataset
-        from pydvl_datainf.experiments.baselines import ekfac_fit
-
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
-                                    torch.nn.Linear(8, 3))
-        x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
-        ekfac = ekfac_fit(model, DataLoader(TensorDataset(x, y), batch_size=10))
-        assert list(ekfac.ekfac_representation.layer_names) == ["0", "2"]
-        ```
-    """
-    from pydvl.influence.torch import EkfacInfluence
-
-    was = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings():
-            # pyDVL's backward hooks on layers whose inputs need no gradient
-            # (the first LoRA matrices) are fine: they see the output gradient
-            warnings.filterwarnings("ignore", message="Full backward hook")
-            ekfac = EkfacInfluence(model, update_diagonal=True, progress=progress)
-            ekfac.fit(data)
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was)
-    return ekfac
-
-
-@torch.no_grad()
-def ekfac_influences(
-    ekfac: Any,
-    test: Grads,
-    train: Grads,
-    regularization_scale: float = formula.DEFAULT_REGULARIZATION_SCALE,
-) -> torch.Tensor:
-    r"""Influences with the inverse EK-FAC curvature fitted by pyDVL.
-
-    pyDVL's `EkfacInfluence` fits, per linear layer $W$ (`out` × `in`), the
-    eigenvectors $Q_A$, $Q_G$ of the activation and output-gradient covariances
-    and a diagonal $\Lambda$ in that Kronecker eigenbasis. We apply its inverse
-    to the per-layer gradients ourselves,
-    $\text{mat}(x) = Q_G\left[(Q_G^\top\, \text{mat}(v)\, Q_A) \oslash
-    (\Lambda + \lambda_l)\right] Q_A^\top$ (with a bias, its gradient is the
-    last column of $\text{mat}(v)$), because pyDVL 0.10's own solve assumes
-    that every linear layer has a bias (LoRA's matrices have none) and its
-    fit works in float32 only.
-    The damping follows DataInf's rule relative to the curvature:
-    $\lambda_l = c \cdot \text{mean}(\Lambda_l)$ (the mean eigenvalue, as
-    $\text{mean}_i \lVert g_{il}\rVert^2 / d_l$ is for the Gauss–Newton block).
-
-    Args:
-        ekfac: from [ekfac_fit][pydvl_datainf.experiments.baselines.ekfac_fit].
-        test: `{block: (m, d_l)}`, blocks named after the linear modules (the
-            default `"module"` blocks): the flattened `(out, in)` weight, then
-            the bias if any.
-        train: `{block: (n, d_l)}`, the same blocks.
-        regularization_scale: $c$.
-
-    Returns:
-        `(m, n)` influences, pyDVL sign.
-
-    Example:
-        ```python
-        import torch
-        from torch.utils.data import DataLoader, TensorDataset
-        from pydvl_datainf import DataInfInfluence
-        from pydvl_datainf.experiments.baselines import (
-            ekfac_fit, ekfac_influences, training_gradients,
-        )
-
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
-                                    torch.nn.Linear(8, 3))
-        x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
-        loader = DataLoader(TensorDataset(x, y), batch_size=10)
-        infl = DataInfInfluence(model, torch.nn.functional.cross_entropy).fit(loader)
-        g_train = training_gradients(infl)  # blocks "0" and "2": the linear layers
-        g_test = infl.per_sample_gradients(x[:3], y[:3])
-        scores = ekfac_influences(ekfac_fit(model, loader), g_test, g_train)
-        assert scores.shape == (3, 40)
-        ```
-    """
-    _check(test, train)
-    rep = ekfac.ekfac_representation
-    layers = list(rep.layer_names)
-    if sorted(layers) != sorted(test):
-        raise ValueError(
-            f"EK-FAC layers {layers} do not match the gradient blocks {list(test)}"
-        )
-    factors: OrderedDict[str, torch.Tensor] = OrderedDict()
-    modules = dict(zip(layers, rep.layers_module))
-    evecs_a = dict(zip(layers, rep.evecs_a))
-    evecs_g = dict(zip(layers, rep.evecs_g))
-    diags = dict(zip(layers, rep.diags))
-    for k in test:
-        qa, qg = evecs_a[k].double(), evecs_g[k].double()
-        out_f, cols = qg.shape[0], qa.shape[0]  # cols = in (+ 1 with a bias)
-        has_bias = getattr(modules[k], "bias", None) is not None
-        if out_f * cols != test[k].shape[1]:
-            raise ValueError(
-                f"Block {k!r} has {test[k].shape[1]} parameters but EK-FAC sees a "
-                f"{out_f}x{cols} layer: blocks must be single linear layers"
-            )
-        diag = diags[k].double().reshape(out_f, cols)
-        lam = regularization_scale * float(diag.mean())
-        v = _as_layer_matrix(test[k].double(), out_f, cols, has_bias)
-        v_kfe = qg.T @ v @ qa
-        x = qg @ (v_kfe / (diag + lam)) @ qa.T
-        factors[k] = _from_layer_matrix(x, has_bias)
     return _dot(factors, train)
 
 

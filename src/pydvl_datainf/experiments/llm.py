@@ -12,16 +12,22 @@ the top ones come from the test prompt's own class.
 Methods compared (all on the same per-sample gradients, blocks = LoRA
 matrices, the same $\lambda_l$ where one is used): DataInf (the library's
 [DataInfInfluence][pydvl_datainf.influence.DataInfInfluence]), the exact
-per-block inverse, LiSSA, Hessian-free (the plain gradient dot product
-$g_{test}^\top g_{train}$, i.e. TracIn with the final checkpoint only), and
-the cosine of the gradients (a normalised dot product).
+per-block inverse, LiSSA, EK-FAC (fitted under the same target-token loss by
+[fit_ekfac][pydvl_datainf.experiments.ekfac.fit_ekfac]), Hessian-free (the
+plain gradient dot product $g_{test}^\top g_{train}$, i.e. TracIn with the
+final checkpoint only), and the cosine of the gradients (a normalised dot
+product).
 
-EK-FAC is not among them: pyDVL's `EkfacInfluence` fits its Kronecker
-factors with its own label-free pseudo-loss on a `(batch, classes)` output
-(a softmax over dimension 1), not with the loss it is given. On a causal LM's
-`(batch, length, vocabulary)` logits that softmax runs over the sequence
-positions, and the factors count prompt and padding positions, so they are
-not the curvature of the target-token loss that the other methods use.
+Which tokens the loss scores (`loss_on`):
+
+* `"target"`: the completion's tokens only (and the end-of-sequence token),
+  for fine-tuning and for the gradients;
+* `"sequence"`: every token of prompt and completion, as the paper's code
+  does (its fine-tuning trains on the whole text, and its gradients use the
+  input ids as labels). The prompt then carries the class: the instruction
+  or the problem's wording is in the scored text.
+
+The fine-tuning quality (`quality`) is always measured on the completion.
 
 Example:
     ```python
@@ -72,7 +78,7 @@ from pydvl_datainf.hf import (
 from pydvl_datainf.influence import DataInfInfluence
 from pydvl_datainf.operator import DataInfOperator
 
-from . import baselines
+from . import baselines, ekfac
 from .generative_tasks import (
     GenerativeTask,
     math_problems,
@@ -83,6 +89,8 @@ from .generative_tasks import (
 __all__ = [
     "GGUF_FILE",
     "TASKS",
+    "METHODS",
+    "LOSS_SCOPES",
     "smollm2_path",
     "load_smollm2",
     "lora_causal_lm",
@@ -102,6 +110,12 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TASKS = ("sentence transformations", "math without reasoning", "math with reasoning")
 """The generative tasks of the paper's influential-data experiment."""
+
+METHODS = ("datainf", "exact", "lissa", "ekfac", "hessian_free", "cosine")
+"""The methods compared, in the order of the tables."""
+
+LOSS_SCOPES = ("target", "sequence")
+"""Which tokens the loss scores: the completion only, or the whole text."""
 
 
 def smollm2_path() -> Path:
@@ -225,19 +239,24 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def encode_task(
-    tokenizer: Any, task: GenerativeTask, max_length: int = 64
+    tokenizer: Any,
+    task: GenerativeTask,
+    max_length: int = 64,
+    loss_on: str = "target",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Token ids of prompt + target + end-of-sequence, right-padded.
 
     Prompt and target are tokenised apart, so that the labels mark exactly
-    the target's tokens (and the end-of-sequence token) as scored.
+    the target's tokens (and the end-of-sequence token) as scored; with
+    `loss_on="sequence"`, every real token is scored (the prompt too).
 
     Returns:
         `(x, y)`: packed inputs `(n, 2, L)` and labels `(n, L)` with `-100`
         on prompt and padding, for [causal_lm_loss][pydvl_datainf.hf.causal_lm_loss].
 
     Raises:
-        ValueError: an example is longer than `max_length` tokens.
+        ValueError: an example is longer than `max_length` tokens, or
+            `loss_on` is neither `"target"` nor `"sequence"`.
 
     Example:
         ```python
@@ -253,8 +272,12 @@ def encode_task(
         target = tokenizer(task.targets[0], add_special_tokens=False)["input_ids"]
         scored = y[0][y[0] != -100].tolist()  # the target's tokens, then [SEP]
         assert scored == target + [tokenizer.eos_token_id]
+        _, y_all = encode_task(tokenizer, task, loss_on="sequence")
+        assert (y_all != -100).sum() > (y != -100).sum()  # the prompt is scored too
         ```
     """
+    if loss_on not in LOSS_SCOPES:
+        raise ValueError(f"loss_on must be one of {LOSS_SCOPES}, got {loss_on!r}")
     eos = int(tokenizer.eos_token_id)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
     rows, prompt_lengths = [], []
@@ -274,7 +297,8 @@ def encode_task(
     for i, r in enumerate(rows):
         ids_t[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    return pack_inputs(ids_t, mask), causal_lm_labels(ids_t, mask, prompt_lengths)
+    scored = prompt_lengths if loss_on == "target" else None
+    return pack_inputs(ids_t, mask), causal_lm_labels(ids_t, mask, scored)
 
 
 def _trim(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -412,7 +436,7 @@ def influence_scores(
     y_train: torch.Tensor,
     x_test: torch.Tensor,
     y_test: torch.Tensor,
-    methods: Sequence[str] = ("datainf", "exact", "lissa", "hessian_free", "cosine"),
+    methods: Sequence[str] = METHODS,
     batch_size: int = 16,
     lissa_iterations: int = 100,
     seed: int = 0,
@@ -470,7 +494,8 @@ def influence_scores(
         engine="hooks",
         progress=progress,
     )
-    infl.fit(DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size))
+    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size)
+    infl.fit(loader)
     g_train = baselines.training_gradients(infl)
     g_test = infl.per_sample_gradients(x_test, y_test)
     seconds["gradients"] = time.perf_counter() - t
@@ -489,6 +514,16 @@ def influence_scores(
             s = baselines.lissa_influences(
                 g_test, g_train, lam, iterations=lissa_iterations, seed=seed
             )
+        elif method == "ekfac":
+            factors = ekfac.fit_ekfac(
+                model,
+                causal_lm_loss,
+                loader,
+                g_train,
+                token_mask=lambda x: unpack_inputs(x)[1],
+                progress=progress,
+            )
+            s = ekfac.ekfac_influences(factors, g_test, g_train)
         elif method == "hessian_free":
             s = baselines.hessian_free_influences(g_test, g_train)
         elif method == "cosine":
@@ -560,8 +595,9 @@ def run_influential_data(
     lr: float = 2e-3,
     max_length: int = 64,
     seed: int = 0,
-    methods: Sequence[str] = ("datainf", "exact", "lissa", "hessian_free", "cosine"),
+    methods: Sequence[str] = METHODS,
     lissa_iterations: int = 100,
+    loss_on: str = "target",
     base: Optional[Tuple[nn.Module, Any]] = None,
     progress: bool = True,
 ) -> Dict[str, Any]:
@@ -579,6 +615,9 @@ def run_influential_data(
         seed: seed of the data, the adapters and the batches.
         methods: see [influence_scores][pydvl_datainf.experiments.llm.influence_scores].
         lissa_iterations: LiSSA's recursion depth.
+        loss_on: the tokens the loss scores, for fine-tuning and gradients:
+            `"target"` (the completion) or `"sequence"` (the whole text, as
+            the paper's code does); see the module's description.
         base: a `(model, tokenizer)` from [load_smollm2][pydvl_datainf.experiments.llm.load_smollm2]
             to reuse (the LoRA adapters are removed again at the end);
             loaded if omitted.
@@ -622,16 +661,17 @@ def run_influential_data(
     lm = lora_causal_lm(model, rank=rank, seed=seed)
     n_params = trainable_parameters(lm)
     try:
-        x, y = encode_task(tokenizer, train, max_length)
-        xt, yt = encode_task(tokenizer, test, max_length)
+        x, y = encode_task(tokenizer, train, max_length, loss_on)
+        xt, yt = encode_task(tokenizer, test, max_length, loss_on)
         t = time.perf_counter()
         epoch_losses = train_causal_lm(
             lm, x, y, epochs=epochs, lr=lr, seed=seed, progress=progress
         )
         seconds["fine-tuning"] = time.perf_counter() - t
         t = time.perf_counter()
-        q_train = evaluate_causal_lm(lm, x, y)
-        q_test = evaluate_causal_lm(lm, xt, yt)
+        # the quality of the answers: always on the completion's tokens
+        q_train = evaluate_causal_lm(lm, *encode_task(tokenizer, train, max_length))
+        q_test = evaluate_causal_lm(lm, *encode_task(tokenizer, test, max_length))
         seconds["evaluation"] = time.perf_counter() - t
         scores, step_seconds = influence_scores(
             lm,
@@ -674,6 +714,7 @@ def run_influential_data(
             "lr": lr,
             "seed": seed,
             "lissa_iterations": lissa_iterations,
+            "loss_on": loss_on,
             "trainable_parameters": n_params,
             "max_tokens": int(unpack_inputs(x)[1].sum(1).max()),
         },

@@ -58,7 +58,7 @@ from pydvl_datainf.blocks import BlockSpec, build_blocks
 from pydvl_datainf.config import RegularizationSpec, resolve_regularization
 from pydvl_datainf.influence import DataInfInfluence
 
-from . import baselines
+from . import baselines, ekfac
 from .datasets import TextDataset, encode_labels, flip_labels, load_text_dataset, split
 from .finetune import (
     accuracy,
@@ -717,8 +717,8 @@ def compare_methods(
         elif method == "hessian_free":
             s = baselines.hessian_free_influences(g_test, g_train)
         else:  # ekfac
-            ekfac = baselines.ekfac_fit(task.model, task.train_loader(), progress)
-            s = baselines.ekfac_influences(ekfac, g_test, g_train, scale)
+            fitted = ekfac.fit_pydvl_ekfac(task.model, task.train_loader(), progress)
+            s = ekfac.ekfac_influences(ekfac.from_pydvl(fitted), g_test, g_train, scale)
         scores[method] = s.detach().cpu().double().numpy()
         seconds[method] = time.perf_counter() - t
         logger.info("%s: %.2f s", method, seconds[method])

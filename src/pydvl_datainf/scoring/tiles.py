@@ -42,6 +42,7 @@ from ..errors import StoreCorruptError, StoreExistsError, StoreMismatchError
 from ..storage.format import (
     INFLUENCE_MATRIX,
     PathState,
+    RawChunkWriter,
     claim_path,
     create_checked_array,
     inspect_path,
@@ -212,6 +213,7 @@ class TileOutput:
         self.storage_options = dict(storage_options or {})
         self.writable = writable
         self.layout = Layout.from_attrs(group.attrs)
+        self._tile_writer: Optional[Tuple[Any, Optional[RawChunkWriter]]] = None
 
     # ------------------------------------------------------------ create/open
     @classmethod
@@ -456,14 +458,25 @@ class TileOutput:
 
     # ------------------------------------------------------------ tiles
     def write_tile(self, g: int, c: int, tile: torch.Tensor) -> None:
-        """Write tile `(g, c)` (one Zarr chunk) whole, then mark it done."""
+        """Write tile `(g, c)` (one Zarr chunk) whole, then mark it done.
+
+        A whole tile of a local, uncompressed output is written straight from
+        its memory ([RawChunkWriter][pydvl_datainf.storage.integrity.RawChunkWriter]);
+        others (edge tiles, compressed or remote outputs) through Zarr.
+        """
         lay = self.layout
-        arr = self.group["matrix"]
+        if self._tile_writer is None:
+            arr = self.group["matrix"]
+            self._tile_writer = (arr, RawChunkWriter.for_array(arr))
+        arr, raw = self._tile_writer
         data = tile.detach().cpu().numpy()
         if data.dtype != arr.dtype:
             data = data.astype(arr.dtype)
-        r0, c0 = g * lay.test_rows, c * lay.train_rows
-        arr[r0 : r0 + data.shape[0], c0 : c0 + data.shape[1]] = data
+        if raw is not None and data.shape == raw.chunk_shape:
+            raw.write((g, c), data)
+        else:
+            r0, c0 = g * lay.test_rows, c * lay.train_rows
+            arr[r0 : r0 + data.shape[0], c0 : c0 + data.shape[1]] = data
         mark_done(self.group["done"], (g, c))
 
     def read(self, g: int, c: int) -> np.ndarray:

@@ -206,7 +206,7 @@ class GradientStore(ABC):
         """
 
     def iter_chunks(
-        self, rows: int, wanted: Optional[Iterable[int]] = None
+        self, rows: int, wanted: Optional[Iterable[int]] = None, buffers: int = 0
     ) -> Iterator[Tuple[int, int, Dict[str, torch.Tensor]]]:
         """Yield `(chunk_index, start_row, grads)` for chunks of exactly `rows` rows.
 
@@ -214,6 +214,12 @@ class GradientStore(ABC):
             rows: rows per chunk (the last one may be shorter).
             wanted: chunk indices to yield (all if `None`). Random-access stores
                 read only these; others stream and skip.
+            buffers: allow the store to read into this many sets of buffers
+                used in rotation (`0`: fresh memory for every chunk). A chunk
+                yielded with `buffers=b` stays valid until `b - 1` further
+                chunks have been requested: a consumer that reads ahead
+                `depth` chunks asks for `depth + 2`. Stores without such a
+                read path ignore it.
         """
         keep = None if wanted is None else set(wanted)
         if self.random_access:

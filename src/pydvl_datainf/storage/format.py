@@ -47,6 +47,8 @@ from typing import (
 
 from ..errors import StoreExistsError
 from .integrity import (  # re-exported: one import for every Zarr helper
+    RawChunkReader,
+    RawChunkWriter,
     checksum_codecs,
     chunk_exists,
     create_checked_array,
@@ -82,6 +84,8 @@ __all__ = [
     "missing_chunks",
     "read_checked",
     "verify_array",
+    "RawChunkReader",
+    "RawChunkWriter",
 ]
 
 logger = logging.getLogger(__name__)

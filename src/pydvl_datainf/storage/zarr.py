@@ -22,7 +22,18 @@ import uuid
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 import torch
@@ -43,6 +54,7 @@ from .format import (
     FORMATS,
     GRADIENT_STORE,
     PathLike,
+    RawChunkReader,
     claim_path,
     create_checked_array,
     open_checked_array,
@@ -181,6 +193,7 @@ class ZarrGradientStore(GradientStore):
         self._compressors = compressors
         self._lock = threading.RLock()
         self._arrays: Optional[List[Any]] = None
+        self._raw: Optional[List[RawChunkReader]] = None
         self._group: Any = None
         self._buffer: Dict[str, List[np.ndarray]] = {k: [] for k in self.block_names}
         self._buffered = 0
@@ -268,6 +281,7 @@ class ZarrGradientStore(GradientStore):
         self._lock = threading.RLock()
         self._group = group
         self._arrays = None
+        self._raw = None
         self._buffer = {k: [] for k in self.block_names}
         self._buffered = 0
         self._writer = None
@@ -414,6 +428,51 @@ class ZarrGradientStore(GradientStore):
             checked += verify_array(arr, name, self.path, what=_WHAT)
         logger.info("Verified %d chunks of %s", checked, self.path)
         return checked
+
+    def _raw_readers(self) -> Optional[List[RawChunkReader]]:
+        """Readers of the gradient chunks straight from their files, if they apply."""
+        with self._lock:
+            if self._raw is None:
+                readers = [
+                    RawChunkReader.for_array(a, f"grads/{i}", self.path, what=_WHAT)
+                    for i, a in enumerate(self._get_arrays())
+                ]
+                self._raw = [r for r in readers if r is not None]
+                if len(self._raw) != len(readers):
+                    self._raw = []
+            return self._raw or None
+
+    def iter_chunks(
+        self, rows: int, wanted: Optional[Iterable[int]] = None, buffers: int = 0
+    ) -> Iterator[Tuple[int, int, Dict[str, torch.Tensor]]]:
+        """Yield `(chunk_index, start_row, grads)` for chunks of exactly `rows` rows.
+
+        With `buffers > 0`, `rows` equal to the store's chunk rows, and chunks
+        stored raw on a local disk (no compressors), each chunk is read
+        straight from its files into one of `buffers` sets of buffers used
+        in rotation, checksums checked
+        ([RawChunkReader][pydvl_datainf.storage.integrity.RawChunkReader]);
+        otherwise as [GradientStore.iter_chunks][pydvl_datainf.storage.base.GradientStore.iter_chunks].
+        """
+        readers = (
+            self._raw_readers()
+            if buffers > 0 and rows == self._chunk_rows and self._finalized
+            else None
+        )
+        if readers is None:
+            yield from super().iter_chunks(rows, wanted, buffers)
+            return
+        assert self._dtype is not None
+        keep = None if wanted is None else set(wanted)
+        todo = [c for c in range(-(-self._n // rows)) if keep is None or c in keep]
+        ring = [[r.new_buffer() for r in readers] for _ in range(buffers)]
+        for j, c in enumerate(todo):
+            k = min(rows, self._n - c * rows)
+            data = {
+                name: numpy_to_torch(r.read_into((c, 0), b)[:k], self._dtype)
+                for name, r, b in zip(self.block_names, readers, ring[j % buffers])
+            }
+            yield c, c * rows, data
 
     def chunks(
         self, rows: Optional[int] = None
@@ -651,7 +710,7 @@ class ZarrGradientStore(GradientStore):
         if not self._finalized:
             raise RuntimeError("A Zarr gradient store can only be pickled after fit")
         state = self.__dict__.copy()
-        for k in ("_lock", "_group", "_arrays", "_writer", "_pending"):
+        for k in ("_lock", "_group", "_arrays", "_raw", "_writer", "_pending"):
             state.pop(k, None)
         state["_cleanup"] = None  # a copy never owns the temporary directory
         state["_buffer"] = {k: [] for k in self.block_names}
@@ -662,6 +721,7 @@ class ZarrGradientStore(GradientStore):
         self._lock = threading.RLock()
         self._group = None
         self._arrays = None
+        self._raw = None
         self._writer = None
         self._pending = []
 
