@@ -166,3 +166,20 @@ def test_ekfac_influences_rejects_mismatched_blocks():
         E.ekfac_influences({"layer": basis}, wide, wide)
     with pytest.raises(ValueError, match=r"expected \(3, 2\)"):
         E.KroneckerEigenbasis(basis.qa, basis.qs, torch.ones(2, 3), False)
+
+
+def test_fit_ekfac_does_not_depend_on_the_batch_size():
+    torch.manual_seed(0)
+    model = TokenModel().double()
+    x, y = make_data()
+    x_test, y_test = make_data(5, seed=1)
+    _, g_train, g_test = reference(model, x, y, x_test, y_test, 0.1)
+    scores = []
+    for batch_size in (1, 5, 12):
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+        factors = E.fit_ekfac(
+            model, masked_loss, loader, g_train, token_mask=padding_mask
+        )
+        scores.append(E.ekfac_influences(factors, g_test, g_train))
+    assert rel_err(scores[0], scores[1]) < 1e-10
+    assert rel_err(scores[0], scores[2]) < 1e-10
