@@ -223,8 +223,7 @@ class GradientStore(ABC):
         """
         keep = None if wanted is None else set(wanted)
         if self.random_access:
-            n_chunks = -(-self.n // rows)
-            todo = [c for c in range(n_chunks) if keep is None or c in keep]
+            todo = self.wanted_chunks(rows, wanted)
 
             def read(c: int) -> Dict[str, torch.Tensor]:
                 return self.read(c * rows, min(self.n, (c + 1) * rows))
@@ -242,6 +241,25 @@ class GradientStore(ABC):
             c = start // rows
             if keep is None or c in keep:
                 yield c, start, grads
+
+    def wanted_chunks(
+        self, rows: int, wanted: Optional[Iterable[int]] = None
+    ) -> List[int]:
+        """The indices of the chunks of `rows` rows to read, in order (all if `wanted` is `None`).
+
+        Example:
+            ```python
+            import torch
+            from pydvl_datainf.storage import MemoryGradientStore
+
+            store = MemoryGradientStore(["w"])
+            store.append({"w": torch.zeros(5, 2)})
+            assert store.wanted_chunks(2) == [0, 1, 2]
+            assert store.wanted_chunks(2, [2, 0, 7]) == [0, 2]
+            ```
+        """
+        keep = None if wanted is None else set(wanted)
+        return [c for c in range(-(-self.n // rows)) if keep is None or c in keep]
 
     def read(self, start: int, stop: int) -> Dict[str, torch.Tensor]:
         """Rows `start:stop` of every block."""

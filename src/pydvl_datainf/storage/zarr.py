@@ -437,8 +437,9 @@ class ZarrGradientStore(GradientStore):
                     RawChunkReader.for_array(a, f"grads/{i}", self.path, what=_WHAT)
                     for i, a in enumerate(self._get_arrays())
                 ]
+                # all arrays read raw, or none
                 self._raw = [r for r in readers if r is not None]
-                if len(self._raw) != len(readers):
+                if None in readers:
                     self._raw = []
             return self._raw or None
 
@@ -463,10 +464,8 @@ class ZarrGradientStore(GradientStore):
             yield from super().iter_chunks(rows, wanted, buffers)
             return
         assert self._dtype is not None
-        keep = None if wanted is None else set(wanted)
-        todo = [c for c in range(-(-self._n // rows)) if keep is None or c in keep]
         ring = [[r.new_buffer() for r in readers] for _ in range(buffers)]
-        for j, c in enumerate(todo):
+        for j, c in enumerate(self.wanted_chunks(rows, wanted)):
             k = min(rows, self._n - c * rows)
             data = {
                 name: numpy_to_torch(r.read_into((c, 0), b)[:k], self._dtype)
