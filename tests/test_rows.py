@@ -11,6 +11,7 @@ import torch
 from models import fit_zarr, make_case
 from pydvl_datainf import DataInfInfluence
 from pydvl_datainf.rows import DIGEST_BYTES, RowIndex, row_digests, row_keys
+from reference import rel_err
 
 
 def test_lookup_finds_first_occurrences_and_refuses_unknown_rows():
@@ -96,8 +97,10 @@ def test_a_row_gives_the_same_numbers_whatever_its_batch(tmp_path):
     new = xt[:2] + 0.5  # rows not seen in fit
     mixed = infl.influences(xt, yt, torch.cat([x[:4], new]), torch.cat([y[:4], yt[:2]]))
     alone = infl.influences(xt, yt, new, yt[:2])
-    assert torch.equal(mixed[:, :4], known)
-    assert torch.equal(mixed[:, 4:], alone)
+    # the same numbers up to rounding: a batch of another shape may use
+    # another matrix kernel, which adds in another order
+    assert rel_err(mixed[:, :4], known) < 1e-6
+    assert rel_err(mixed[:, 4:], alone) < 1e-6
     # unknown rows are rounded to the store's dtype, as stored rows are
     g = infl.per_sample_gradients(new, yt[:2])
     rounded = {k: v.half().float() for k, v in g.items()}

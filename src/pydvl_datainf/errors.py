@@ -14,6 +14,7 @@ __all__ = [
     "StoreExistsError",
     "StoreMismatchError",
     "StoreCorruptError",
+    "StoreReplacedError",
 ]
 
 
@@ -69,3 +70,10 @@ class StoreCorruptError(StoreMismatchError):
     write the store again with `overwrite=True`). A subclass of
     [StoreMismatchError][pydvl_datainf.errors.StoreMismatchError].
     """
+
+
+class StoreReplacedError(StoreMismatchError):
+    """The store or output at a path was replaced (by another process or another
+    fit) after it was opened: what is there now is not what this object was
+    reading or writing. Open it again, or fit again; a subclass of
+    [StoreMismatchError][pydvl_datainf.errors.StoreMismatchError]."""

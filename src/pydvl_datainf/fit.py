@@ -30,10 +30,10 @@ from .config import RegularizationSpec, validate_regularization
 from .errors import EmptyDataError, NonFiniteGradientError
 from .factored import Rows, densify
 from .factored import squared_norms as factored_norms
-from .fingerprint import loss_name, weights_digest
+from .fingerprint import frozen_digest, frozen_tensors, loss_name, weights_digest
 from .gradients import GradientEngine, LossFn, accumulation_dtype
 from .persistence import save_state
-from .rows import RowIndex
+from .rows import RowIndex, RowOrder, row_digests
 from .state import FittedState
 from .storage import AutoGradientStore, GradientStore
 
@@ -99,6 +99,12 @@ class GradientFunction:
         loss: the per-sample loss `loss(prediction, target)`.
         engine: the per-sample gradient engine.
         blocks: the block structure.
+        loss_id: a name for the loss, used as its identity instead of its
+            settings (see [loss_name][pydvl_datainf.fingerprint.loss_name]).
+
+    Raises:
+        UnidentifiableLossError: the loss cannot be identified and no
+            `loss_id` was given.
 
     Example:
         ```python
@@ -123,11 +129,14 @@ class GradientFunction:
         loss: LossFn,
         engine: GradientEngine,
         blocks: BlockStructure,
+        loss_id: Optional[str] = None,
     ):
         self.model = model
         self.loss = loss
         self.engine = engine
         self.blocks = blocks
+        self.loss_id = loss_id
+        self.loss_identity()  # fail early for a loss that cannot be identified
         self.lock = model_lock(model)
         self._eval_depth = 0
 
@@ -160,6 +169,20 @@ class GradientFunction:
     def fingerprint(self) -> str:
         """SHA-256 of the block parameters' current values."""
         return weights_digest(self.params)
+
+    def frozen(self) -> OrderedDict[str, torch.Tensor]:
+        """The model's other parameters and its buffers, by name: what the
+        gradients depend on besides the block parameters."""
+        return frozen_tensors(self.model, self.blocks.parameter_names())
+
+    def frozen_fingerprint(self) -> str:
+        """Digest of the frozen parameters' and buffers' current values."""
+        return frozen_digest(self.frozen())
+
+    def loss_identity(self) -> str:
+        """The identity of the loss and its settings (see
+        [loss_name][pydvl_datainf.fingerprint.loss_name])."""
+        return loss_name(self.loss, self.loss_id)
 
     @contextmanager
     def eval_mode(self) -> Iterator[None]:
@@ -320,6 +343,7 @@ def fit(
     names = gradients.blocks.names
     factored = factorize and getattr(store, "accepts_factored", False)
     rows = RowIndex() if store.random_access else None
+    order = RowOrder()
     norm_parts: Dict[str, List[torch.Tensor]] = {k: [] for k in names}
     n = 0
     with gradients.eval_mode():  # eval mode once for the pass
@@ -329,15 +353,18 @@ def fit(
                 norm_parts[k].append(s)
             store.note_batch(x, y)
             store.append(grads)
+            digests = row_digests(x, y)
+            order.add(digests)
             if rows is not None:
-                rows.add(x, y)
+                rows.extend(digests)
             n += len(x)
         if n == 0:
             raise EmptyDataError(
                 "The training loader yielded no samples; DataInf needs n > 0"
             )
-        store.finalize()
+        store.finalize(publish=False)  # published once its state is saved
         fingerprint = gradients.fingerprint()
+        frozen = gradients.frozen_fingerprint()
     squared_norms = OrderedDict((k, torch.cat(v)) for k, v in norm_parts.items())
     state = FittedState(
         blocks=gradients.blocks,
@@ -346,10 +373,12 @@ def fit(
         regularization=OrderedDict(),
         store=store,
         fingerprint=fingerprint,
+        frozen_fingerprint=frozen,
         rows=rows,
+        rows_digest=order.hexdigest(),
         regularization_spec=spec,
         regularization_scale=float(regularization_scale),
-        loss=loss_name(gradients.loss),
+        loss=gradients.loss_identity(),
         dtype=gradients.dtype,
     )
     state = state.with_regularization(spec)

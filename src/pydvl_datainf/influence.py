@@ -51,7 +51,7 @@ from .errors import (
     StaleModelError,
     StoreMismatchError,
 )
-from .fingerprint import WeightWatch, loss_name
+from .fingerprint import WeightWatch
 from .fit import GradientFunction, check_batch, training_gradients
 from .fit import fit as fit_state
 from .gradients import GradientEngine, LossFn, get_engine
@@ -60,7 +60,12 @@ from .persistence import load_state
 from .perturbation import perturbation_influences_by_block
 from .rows import batch_digest
 from .state import FittedState
-from .storage import GradientStore, ZarrGradientStore, resolve_store_dtype
+from .storage import (
+    GradientStore,
+    ZarrGradientStore,
+    inspect_path,
+    resolve_store_dtype,
+)
 from .storage.policy import StoreSpec, check_store_spec, new_store
 
 __all__ = ["DataInfInfluence", "RegularizationSpec"]
@@ -122,6 +127,10 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         store_options: more [ZarrGradientStore][pydvl_datainf.storage.ZarrGradientStore]
             arguments: `overwrite`, `chunk_rows`, `storage_options`,
             `compressors`.
+        loss_id: a name for the loss, used as its identity in stores and
+            outputs instead of its settings. Needed for a loss whose settings
+            cannot be read (see [loss_name][pydvl_datainf.fingerprint.loss_name]);
+            change it whenever the loss changes.
         factorize: let `fit` keep rank-one per-sample gradients (linear layers
             without a token dimension, e.g. the LoRA adapters of an MLP) as
             their two factors in the in-memory cache (see
@@ -163,6 +172,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         memory_budget: Union[None, int, str] = None,
         store_options: Optional[Mapping[str, Any]] = None,
         factorize: bool = True,
+        loss_id: Optional[str] = None,
     ):
         self.model = model
         self.loss = loss
@@ -184,11 +194,13 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         self.store_dtype = resolve_store_dtype(store_dtype)
         self.memory_budget = memory_budget
         self.store_options: Dict[str, Any] = dict(store_options or {})
-        self._owned_store_path: Optional[str] = None
+        self._owned_store: Optional[Tuple[str, str]] = None  # (path, store id)
         self.progress = progress
         self.factorize = bool(factorize)
         self.test_factor_cache = int(test_factor_cache)
-        self._gradients = GradientFunction(model, loss, self.engine, self.blocks)
+        self._gradients = GradientFunction(
+            model, loss, self.engine, self.blocks, loss_id=loss_id
+        )
         self._lock = self._gradients.lock
         self._factor_cache: OrderedDict[Tuple[int, bytes], Blockwise] = OrderedDict()
         self._generation = 0
@@ -227,25 +239,51 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         """The fitted state, after checking that the model is fitted and its
         weights are those that were fitted.
 
+        The check is cheap: the trainable weights are hashed, and the frozen
+        ones and the buffers are checked for in-place changes (see
+        [WeightWatch][pydvl_datainf.fingerprint.WeightWatch]).
+
         Raises:
             NotFittedError: before `fit`.
-            StaleModelError: the trainable weights changed since `fit`.
+            StaleModelError: the weights changed since `fit`.
         """
         return self._snapshot()[0]
 
-    def _snapshot(self) -> Tuple[FittedState, int]:
+    def _snapshot(self, full: bool = False) -> Tuple[FittedState, int]:
         """The fitted state and its generation, checked, in one consistent read."""
         with self._lock:
             state, generation, watch = self._fitted, self._generation, self._watch
         if state is None or watch is None:
             raise NotFittedError(type(self))
-        if watch.changed():
+        current = self._gradients.frozen()
+        reason = watch.changed_fully(current) if full else watch.changed(current)
+        if reason == "trainable":
             raise StaleModelError(
                 "The model's trainable weights changed after fit; the cached "
                 "gradients no longer apply. Call fit again, or restore the fitted "
                 "weights."
             )
+        if reason:
+            raise StaleModelError(
+                "The model's frozen weights or buffers (parameters outside the "
+                "blocks, e.g. the base model of LoRA adapters, or normalisation "
+                "statistics) changed after fit; the cached gradients no longer "
+                "apply. Call fit again, or restore them."
+            )
         return state, generation
+
+    def verified_state(self) -> FittedState:
+        """The fitted state after a full check of every weight the gradients
+        depend on: the trainable weights and a full digest of the frozen ones
+        and of the buffers. Long runs (an influence matrix, top-k,
+        self-influence) call it once at their start; queries make the cheaper
+        check of [state][pydvl_datainf.influence.DataInfInfluence.state].
+
+        Raises:
+            NotFittedError: before `fit`.
+            StaleModelError: a weight or buffer changed since `fit`.
+        """
+        return self._snapshot(full=True)[0]
 
     @property
     def fingerprint(self) -> str:
@@ -316,9 +354,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         with self._lock:
             self.model.to(device)
             state = None if self._fitted is None else self._fitted.to(device)
-            watch = (
-                None if state is None else WeightWatch(self.params, self.fingerprint)
-            )
+            watch = None if state is None else self._new_watch(state)
             self._set_state(state, watch)
         return self
 
@@ -597,11 +633,31 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         return DataInfOperator(state).scores(factors)
 
     # -------------------------------------------------------------------- fit
+    def _new_watch(self, state: FittedState) -> WeightWatch:
+        return WeightWatch(
+            self.params,
+            state.fingerprint,
+            self._gradients.frozen(),
+            state.frozen_fingerprint,
+        )
+
+    def _owns_store_at_path(self) -> bool:
+        """Whether the store at `store_path` is the one this instance created."""
+        if self.store_path is None or self._owned_store is None:
+            return False
+        path, store_id = self._owned_store
+        if path != self.store_path:
+            return False
+        found = inspect_path(path, self.store_options.get("storage_options"))
+        return bool(found.attrs.get("store_id")) and found.attrs["store_id"] == store_id
+
     def _new_store(self, data: Any = None) -> GradientStore:
-        """A new store for `fit`; refitting may replace the store it made."""
-        own = self.store_path is not None and self.store_path == self._owned_store_path
+        """A new store for `fit`; refitting may replace the store this
+        instance created (never one it only opened, nor one that replaced it)."""
         options = dict(self.store_options)
-        options["overwrite"] = bool(options.get("overwrite", False)) or own
+        options["overwrite"] = (
+            bool(options.get("overwrite", False)) or self._owns_store_at_path()
+        )
         store = new_store(
             self._store_spec,
             self.blocks.names,
@@ -613,9 +669,13 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             bytes_per_row=self.n_parameters * self._gradients.dtype.itemsize,
             options=options,
         )
-        if self._store_spec in ("zarr", "auto") and self.store_path is not None:
-            self._owned_store_path = self.store_path
         return store
+
+    def _remember_store(self, store: GradientStore) -> None:
+        """Remember a Zarr store this instance created at `store_path`."""
+        store = getattr(store, "resolved", store)
+        if isinstance(store, ZarrGradientStore) and store.path == self.store_path:
+            self._owned_store = (store.path, store.store_id)
 
     def fit(self, data: DataLoader) -> DataInfInfluence:
         """One pass over `data`: cache gradients, squared norms and $\\lambda_l$.
@@ -649,9 +709,11 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                     progress=self.progress,
                 )
             except BaseException:
+                self._remember_store(store)  # an interrupted fit may be redone
                 store.close()  # a temporary directory goes at once
                 raise
-            self._set_state(state, WeightWatch(self.params))
+            self._remember_store(state.store)
+            self._set_state(state, self._new_watch(state))
         return self
 
     @classmethod
@@ -667,13 +729,20 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         test_factor_cache: int = 4,
         storage_options: Optional[Mapping[str, Any]] = None,
         allow_other_loss: bool = False,
+        loss_id: Optional[str] = None,
     ) -> DataInfInfluence:
         r"""Reopen a model fitted into a Zarr gradient store, without refitting.
 
         The store records the block structure, $n$, $\lambda_l$, the squared
-        norms, a SHA-256 of the fitted weights, the name of the loss and the
-        digests of the training rows; the model must have exactly these
-        blocks and weights, and the loss must have the same name.
+        norms, a SHA-256 of the fitted weights, a digest of the frozen weights
+        and buffers, the identity of the loss with its settings, and the
+        digests of the training rows and of their order; the model must have
+        exactly these blocks and weights (frozen ones included), and the loss
+        must be the same, with the same settings.
+
+        The reopened model reads the store but does not own it: `fit` on it
+        refuses to replace the store unless `store_options={"overwrite": True}`
+        is given to a new instance.
 
         Args:
             model: the model, with the weights it had at fit.
@@ -689,6 +758,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             storage_options: fsspec options for URLs.
             allow_other_loss: accept a loss whose name differs from the one
                 recorded at fit (e.g. the same function defined elsewhere).
+            loss_id: the name given to the loss at fit, if one was.
 
         Returns:
             A fitted instance reading its training gradients from the store.
@@ -697,7 +767,8 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
         Raises:
             StoreMismatchError: the store is incomplete or damaged, or was
-                written for other blocks, other weights or another loss.
+                written for other blocks, other weights (frozen ones
+                included) or another loss.
             RegularizationError: a stored $\lambda_l$ is not positive and
                 finite, or out of range for the model's dtype.
             FileNotFoundError: no store at the path.
@@ -746,18 +817,19 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             store="zarr",
             store_path=zs.path,
             store_options={"storage_options": dict(storage_options or {})},
+            loss_id=loss_id,
         )
-        watch = WeightWatch(self.params)
+        watch = WeightWatch(self.params, frozen=self._gradients.frozen())
         state = load_state(
             zs,
             blocks,
             watch.digest,
-            loss_name(loss),
+            self._gradients.loss_identity(),
+            frozen_fingerprint=watch.frozen_digest,
             dtype=self._gradients.dtype,
             regularization=regularization,
             allow_other_loss=allow_other_loss,
         )
         self._regularization_spec = state.regularization_spec
-        self._owned_store_path = zs.path
         self._set_state(state, watch)
         return self

@@ -21,7 +21,14 @@ from typing import Any, Dict, List, Optional, cast
 import numpy as np
 import torch
 
-__all__ = ["row_digests", "row_keys", "batch_digest", "RowIndex", "DIGEST_BYTES"]
+__all__ = [
+    "row_digests",
+    "row_keys",
+    "batch_digest",
+    "RowIndex",
+    "RowOrder",
+    "DIGEST_BYTES",
+]
 
 DIGEST_BYTES = 16
 _KEY = np.dtype([("hi", ">u8"), ("lo", ">u8")])
@@ -139,6 +146,11 @@ class RowIndex:
         if len(x):
             self._add_digests(_keys(row_digests(x, y)))
 
+    def extend(self, digests: List[bytes]) -> None:
+        """Register rows by their digests (from [row_digests][pydvl_datainf.rows.row_digests]), in order."""
+        if digests:
+            self._add_digests(_keys(digests))
+
     def digests(self) -> np.ndarray:
         """All digests in row order, `(n, 16)` uint8 (what is saved)."""
         with self._lock:
@@ -187,3 +199,37 @@ class RowIndex:
         """Row indices of all samples of `(x, y)`, or None if any is unknown."""
         rows = self.locate(x, y)
         return None if bool((rows < 0).any()) else rows
+
+
+class RowOrder:
+    """A digest of rows in their order: what makes the columns of a result.
+
+    Two fits of the same rows in another order give other digests (and the
+    same rows in the same order, however batched, the same one).
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.arange(6.0).reshape(3, 2), torch.arange(3)
+        >>> a, b = RowOrder(), RowOrder()
+        >>> a.add(row_digests(x, y))
+        >>> b.add(row_digests(x[:1], y[:1])); b.add(row_digests(x[1:], y[1:]))
+        >>> a.hexdigest() == b.hexdigest()
+        True
+        >>> c = RowOrder(); c.add(row_digests(x.flip(0), y.flip(0)))
+        >>> c.hexdigest() == a.hexdigest()
+        False
+    """
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self.n = 0
+
+    def add(self, digests: List[bytes]) -> None:
+        """Add the next rows, by their digests."""
+        for d in digests:
+            self._h.update(d)
+        self.n += len(digests)
+
+    def hexdigest(self) -> str:
+        """The digest of the rows added so far, in order."""
+        return self._h.hexdigest()

@@ -46,7 +46,12 @@ class FittedState:
         regularization: the resolved $\lambda_l$ per block.
         store: the per-sample training gradients.
         fingerprint: digest of the trainable weights at fit (`""` if unknown).
+        frozen_fingerprint: digest of the model's other parameters and buffers
+            at fit (`""` if unknown), see
+            [frozen_digest][pydvl_datainf.fingerprint.frozen_digest].
         rows: digests of the training rows, to recognise them in queries.
+        rows_digest: SHA-256 of the training rows' digests in the order of the
+            fit pass (`""` if unknown): identifies the columns of results.
         regularization_spec: the spec $\lambda$ was resolved from.
         regularization_scale: $c$ in the `"auto"` rule.
         loss: the name of the loss used at fit (`""` if unknown).
@@ -71,7 +76,9 @@ class FittedState:
     regularization: OrderedDict[str, float]
     store: GradientStore
     fingerprint: str = ""
+    frozen_fingerprint: str = ""
     rows: Optional[RowIndex] = None
+    rows_digest: str = ""
     regularization_spec: OrderedDict[str, Union[float, str]] = field(
         default_factory=OrderedDict
     )

@@ -40,9 +40,10 @@ from ..config import parse_bytes
 from ..errors import StoreMismatchError
 from ..influence import DataInfInfluence
 from ..operator import DataInfOperator
+from .checked_matrix import CheckedMatrix
 from .inputs import TestData, group_test_grads, mean_test_gradient, scan_test_data
-from .matrix import MatrixResult, default_test_rows
-from .tiles import TileOutput
+from .matrix import MatrixResult, check_sizes, default_test_rows
+from .tiles import TileOutput, read_marks
 
 __all__ = ["TopK", "top_k", "self_influence", "mean_test_influence"]
 
@@ -90,12 +91,16 @@ def _merge_top(
 def _stored_output(source: Any) -> TileOutput:
     if isinstance(source, MatrixResult):
         out = source.output()
+    elif isinstance(source, CheckedMatrix):
+        out = source.output
     elif isinstance(source, (str, os.PathLike)):
         out = TileOutput.open(os.fspath(source), "r")
     else:
         raise TypeError(
-            "top_k needs a MatrixResult, the path of an influence matrix, or a "
-            f"fitted DataInfInfluence with test_data; got {type(source).__name__}"
+            "top_k needs a MatrixResult (or its .array), the path of an influence "
+            "matrix, or a fitted DataInfInfluence with test_data; got "
+            f"{type(source).__name__}. A bare Zarr array is refused: its reads "
+            "are not checked (a missing tile would read as zeros)."
         )
     if not out.is_complete:
         raise StoreMismatchError(
@@ -126,7 +131,8 @@ def top_k(
     n_{train}$ is stored.
 
     Args:
-        source: a matrix, or a fitted `DataInfInfluence`.
+        source: a [MatrixResult][pydvl_datainf.scoring.matrix.MatrixResult],
+            its `array`, its path, or a fitted `DataInfInfluence`.
         k: how many training points per test point.
         test_data: required when `source` is a model.
         largest: `True` for the most helpful (largest pyDVL-sign influence),
@@ -163,45 +169,28 @@ def top_k(
         assert (harmful.values[:, :1] <= helpful.values[:, -1:]).all()
         ```
     """
-    if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+    check_sizes(k=k, batch_size=batch_size, test_rows=test_rows, train_rows=train_rows)
     if isinstance(source, DataInfInfluence):
         if test_data is None:
             raise ValueError("top_k on a model needs test_data")
         return _top_k_model(
             source, k, test_data, largest, test_rows, train_rows, batch_size, progress
         )
-    if hasattr(source, "chunks") and hasattr(source, "shape"):  # a Zarr array
-        return _top_k_array(source, k, largest, progress)
     out = _stored_output(source)
     lay = out.layout
+    marks = read_marks(out.group["done"])
     values, indices = [], []
     bar = tqdm(total=lay.n_tiles, desc="top-k", disable=not progress)
     for g in range(lay.n_groups):
         best = None
         for c in range(lay.n_chunks):
-            block = torch.from_numpy(out.read(g, c))
+            block = torch.from_numpy(out.read(g, c, marks))
             best = _merge_top(best, block, c * lay.train_rows, k, largest)
             bar.update()
         assert best is not None
         values.append(best[0])
         indices.append(best[1])
     bar.close()
-    return TopK(torch.cat(values), torch.cat(indices))
-
-
-def _top_k_array(arr: Any, k: int, largest: bool, progress: bool) -> TopK:
-    """Top-k of a bare array, read chunk-aligned (checksums still checked by Zarr)."""
-    (n_test, n_train), (r_rows, c_rows) = arr.shape, arr.chunks
-    values, indices = [], []
-    for r0 in tqdm(range(0, n_test, r_rows), desc="top-k", disable=not progress):
-        best = None
-        for c0 in range(0, n_train, c_rows):
-            block = torch.from_numpy(arr[r0 : r0 + r_rows, c0 : c0 + c_rows])
-            best = _merge_top(best, block, c0, k, largest)
-        assert best is not None
-        values.append(best[0])
-        indices.append(best[1])
     return TopK(torch.cat(values), torch.cat(indices))
 
 
@@ -215,7 +204,7 @@ def _top_k_model(
     batch_size: int,
     progress: bool,
 ) -> TopK:
-    state = infl.state
+    state = infl.verified_state()
     op = DataInfOperator(state, chunk_rows=train_rows)
     row_bytes = int(sum(state.blocks.sizes)) * state.dtype.itemsize
     scan = scan_test_data(test_data, batch_size)
@@ -285,7 +274,7 @@ def self_influence(
         assert torch.allclose(s, infl.influences(x, y, x, y).diagonal(), rtol=1e-4)
         ```
     """
-    state = influence.state
+    state = influence.verified_state()
     budget = parse_bytes(memory_budget, 2**30)
     return DataInfOperator(state).self_scores(
         method=method,
@@ -338,7 +327,8 @@ def mean_test_influence(
         assert torch.allclose(scores, mean_row, atol=1e-6)
         ```
     """
-    state = influence.state
+    check_sizes(batch_size=batch_size)
+    state = influence.verified_state()
     n_test, v = mean_test_gradient(
         influence.gradients, test_data, batch_size, state.dtype
     )
