@@ -104,8 +104,7 @@ def test_the_check_catches_a_broken_link_and_anchor_in_a_notebook(
     assert sorted(problems) == [
         "tutorials/4_scaling_out/index.html: broken anchor "
         "'../../lambda/#no-such-part': lambda/index.html has no id 'no-such-part'",
-        "tutorials/4_scaling_out/index.html: broken link "
-        "'1_mislabeled_data.ipynb' (a)",
+        "tutorials/4_scaling_out/index.html: broken link '1_mislabeled_data.ipynb' (a)",
     ]
 
 
@@ -275,3 +274,89 @@ def test_the_browser_has_no_network_and_raw_tex_is_seen(
     typeset, _, raw = browser.read_maths(dom)
     assert typeset == 0
     assert any("\\(R_l v" in r for r in raw) and any("\\lambda" in r for r in raw)
+
+
+# --- abbreviations ----------------------------------------------------------
+
+GLOSSARY_FILE = ROOT / "docs_site" / "abbreviations.md"
+GLOSSARY = dict(
+    re.findall(r"^\*\[([^\]]+)\]: (.+)$", GLOSSARY_FILE.read_text("utf-8"), re.M)
+)
+# Known to every reader: explained on hover, not spelled out in the text.
+COMMON = {"CPU", "GPU", "CUDA", "CI", "SMS"}
+# Pages a new reader starts with, and the API pages: each abbreviation of the
+# glossary is spelled out at its first use in the text.
+FIRST_READ = [
+    ROOT / "docs" / name
+    for name in ("index.md", "install.md", "getting-started.md", "concepts.md")
+] + sorted((ROOT / "docs" / "api").glob("*.md"))
+# Capitals that are names, units or file names, not abbreviations to explain.
+NOT_ABBREVIATIONS = {
+    "API", "BBC", "BERT", "CHANGELOG", "FAQ", "JSON", "README", "URL", "RAM",
+    "GB", "MB", "TB", "SHA-256", "CRC-32C", "SLURM", "LGPL-3", "ICLR", "ICML",
+    "AAAI", "ACM", "EMNLP-IJCNLP", "TRAIS", "L2",
+}  # fmt: skip
+ALL_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def prose(markdown: str) -> str:
+    """The text of a Markdown page without code, maths, link targets,
+    comments and headings."""
+    for pattern, flags in (
+        (r"<!--.*?-->", re.S),
+        (r"^(```|~~~).*?^\1", re.S | re.M),
+        (r"^(?:    |\t).*$", re.M),
+        (r"^#.*$", re.M),
+        (r"`[^`\n]*`", 0),
+        (r"\$\$.*?\$\$|\$[^$\n]*\$", re.S),
+        (r"\]\([^)]*\)|\]\[[^\]]*\]", 0),
+    ):
+        markdown = re.sub(
+            pattern, "]" if pattern.startswith(r"\]") else "", markdown, flags=flags
+        )
+    return markdown
+
+
+def _words(text: str) -> str:
+    return re.sub(r"[\s-]+", " ", text.lower())
+
+
+def first_use_problems(markdown: str, glossary: dict[str, str]) -> List[str]:
+    """Abbreviations whose meaning is not in the text up to the end of the
+    paragraph of their first use."""
+    text = prose(markdown)
+    problems = []
+    for abbr, meaning in glossary.items():
+        m = re.search(rf"(?<![\w-]){re.escape(abbr)}(?![\w-])", text)
+        if m is None:
+            continue
+        end = text.find("\n\n", m.end())
+        if _words(meaning) not in _words(text[: len(text) if end < 0 else end]):
+            problems.append(f"{abbr} ({meaning}): {text[m.start() : m.end() + 40]!r}")
+    return problems
+
+
+def test_every_abbreviation_of_the_docs_has_a_meaning() -> None:
+    unknown = set()
+    for page in ALL_PAGES:
+        text = prose(page.read_text(encoding="utf-8"))
+        unknown |= set(
+            re.findall(r"(?<![\w-])[A-Z][A-Z0-9]+(?:-[A-Z0-9]+)*(?![\w-])", text)
+        )
+    unknown -= set(GLOSSARY) | NOT_ABBREVIATIONS
+    assert not unknown, f"add them to {GLOSSARY_FILE.name}: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize(
+    "page", FIRST_READ, ids=lambda p: p.relative_to(ROOT).as_posix()
+)
+def test_abbreviations_are_spelled_out_at_first_use(page: Path) -> None:
+    glossary = {a: m for a, m in GLOSSARY.items() if a not in COMMON}
+    assert first_use_problems(page.read_text(encoding="utf-8"), glossary) == []
+
+
+def test_first_use_check_can_fail() -> None:
+    glossary = {"IHM": "inverse harmonic mean"}
+    assert first_use_problems("pyDVL's IHM.\n\nThe inverse harmonic mean.", glossary)
+    assert not first_use_problems("The inverse harmonic mean (IHM).", glossary)
+    assert not first_use_problems("# IHM\n\nThe inverse harmonic mean (IHM).", glossary)
