@@ -295,6 +295,7 @@ NOT_ABBREVIATIONS = {
     "API", "BBC", "BERT", "CHANGELOG", "FAQ", "JSON", "README", "URL", "RAM",
     "GB", "MB", "TB", "SHA-256", "CRC-32C", "SLURM", "LGPL-3", "ICLR", "ICML",
     "AAAI", "ACM", "EMNLP-IJCNLP", "TRAIS", "L2",
+    "GGUF", "UTF-8", "PNG", "GPT", "NVIDIA", "H100", "H200", "A100",
 }  # fmt: skip
 ALL_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
