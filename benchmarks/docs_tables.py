@@ -1630,6 +1630,14 @@ def _influential_metric(
     return get
 
 
+def _two(
+    template: str, a: Tuple[str, str, str, str], b: Tuple[str, str, str, str]
+) -> Callable[[Results], str]:
+    """Two figures of the peers results (`(file, job, tool, key)` each), to
+    three decimals, in `template`."""
+    return lambda res: template.format(f3(_peer(*a)(res)), f3(_peer(*b)(res)))
+
+
 PAGE_CLAIMS: Dict[str, List[Claim]] = {
     "faq.md": [
         Claim(
@@ -1693,6 +1701,58 @@ PAGE_CLAIMS: Dict[str, List[Claim]] = {
             INFLUENTIAL,
             _influential_metric("math with reasoning", "sequence", "hessian_free"),
         ),
+    ],
+    "index.md": [
+        Claim(
+            "relative errors up to 0.98 against the formula",
+            "compare_pydvl_ihm.txt",
+            lambda r: max(
+                re.findall(
+                    r"pyDVL IHM .*rel\. error ([0-9.]+)",
+                    r.text("compare_pydvl_ihm.txt"),
+                ),
+                key=float,
+            ),
+        ),
+        Claim(
+            "takes 45× as long as this package",
+            PAB,
+            _fmt(_speedup_ab, lambda v: f"{v:.0f}×"),
+        ),
+        Claim("(AUC) is 0.817 ± 0.049", MISLABEL, _mislabel_auc("bbc", "DataInf")),
+        Claim("reaches 0.989 ± 0.005", MISLABEL, _mislabel_auc("bbc", "Training loss")),
+        Claim(
+            "DataInf's 0.979 ± 0.013 is behind",
+            MISLABEL,
+            _mislabel_auc("sms", "DataInf"),
+        ),
+        Claim("LiSSA's 0.988 ± 0.013", MISLABEL, _mislabel_auc("sms", "LiSSA")),
+        *[
+            Claim(quote, P, _two(template, (P, *first, key), (P, *second, key)))
+            for quote, template, first, second, key in (
+                (
+                    "correlate 0.525 on the MLP and 0.196 on a LoRA-MLP",
+                    "{} on the MLP and {}",
+                    ("a", "ours"),
+                    ("b", "ours"),
+                    "pearson",
+                ),
+                (
+                    "against 0.788 and 0.700 for kronfluence's EK-FAC",
+                    "{} and {}",
+                    ("a", "kronfluence"),
+                    ("b", "kronfluence"),
+                    "pearson",
+                ),
+                (
+                    "pyDVL's Arnoldi has the best AUC, 0.979, against DataInf's 0.929",
+                    "{}, against DataInf's {}",
+                    ("b", "pydvl-arnoldi"),
+                    ("b", "ours"),
+                    "auc",
+                ),
+            )
+        ],
     ],
 }
 """Figures quoted in other pages of `docs/`, by page: checked by the tests."""
