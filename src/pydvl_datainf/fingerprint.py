@@ -46,6 +46,7 @@ __all__ = [
     "weights_digest",
     "frozen_digest",
     "frozen_tensors",
+    "FrozenRefs",
     "WeightWatch",
     "loss_name",
     "UnidentifiableLossError",
@@ -112,6 +113,37 @@ def frozen_tensors(
     for name, b in model.named_buffers():
         out[name] = b
     return out
+
+
+class FrozenRefs:
+    """Where each frozen tensor of a model lives (its module and attribute), so
+    that the tensors the model holds *now* are read without walking it.
+
+    Args:
+        model: the model.
+        trainable: names of the parameters that are fingerprinted apart.
+
+    Example:
+        ```python
+        import torch
+        from pydvl_datainf.fingerprint import FrozenRefs
+
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+        refs = FrozenRefs(model, ["0.weight", "0.bias"])
+        model[1].weight = torch.nn.Parameter(torch.zeros(1, 2))  # replaced
+        assert refs.current()["1.weight"] is model[1].weight
+        ```
+    """
+
+    def __init__(self, model: nn.Module, trainable: Any = ()):
+        self._refs = []
+        for name in frozen_tensors(model, trainable):
+            owner, _, attr = name.rpartition(".")
+            self._refs.append((name, model.get_submodule(owner), attr))
+
+    def current(self) -> OrderedDict[str, torch.Tensor]:
+        """The frozen tensors, by name, as the model holds them now."""
+        return OrderedDict((name, getattr(m, attr)) for name, m, attr in self._refs)
 
 
 def _crc32c(t: torch.Tensor) -> int:

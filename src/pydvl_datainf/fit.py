@@ -30,7 +30,7 @@ from .config import RegularizationSpec, validate_regularization
 from .errors import EmptyDataError, NonFiniteGradientError
 from .factored import Rows, densify
 from .factored import squared_norms as factored_norms
-from .fingerprint import frozen_digest, frozen_tensors, loss_name, weights_digest
+from .fingerprint import FrozenRefs, frozen_digest, loss_name, weights_digest
 from .gradients import GradientEngine, LossFn, accumulation_dtype
 from .persistence import save_state
 from .rows import RowIndex, RowOrder, row_digests
@@ -139,11 +139,13 @@ class GradientFunction:
         self.loss_identity()  # fail early for a loss that cannot be identified
         self.lock = model_lock(model)
         self._eval_depth = 0
+        self._frozen_refs: Optional[FrozenRefs] = None
 
     def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
         del state["lock"]
         state["_eval_depth"] = 0
+        state["_frozen_refs"] = None
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -172,8 +174,11 @@ class GradientFunction:
 
     def frozen(self) -> OrderedDict[str, torch.Tensor]:
         """The model's other parameters and its buffers, by name: what the
-        gradients depend on besides the block parameters."""
-        return frozen_tensors(self.model, self.blocks.parameter_names())
+        gradients depend on besides the block parameters (as the model holds
+        them now)."""
+        if self._frozen_refs is None:
+            self._frozen_refs = FrozenRefs(self.model, self.blocks.parameter_names())
+        return self._frozen_refs.current()
 
     def frozen_fingerprint(self) -> str:
         """Digest of the frozen parameters' and buffers' current values."""
