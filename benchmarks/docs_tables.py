@@ -214,6 +214,48 @@ def _mlp_matrix(res: Results) -> str:
     )
 
 
+@register("safety-checks")
+def _safety_checks(res: Results) -> str:
+    r = res.json("bench_checks.json")
+    floor = r["floor"]
+    rows = [
+        ["plain forward+backward epoch over the training data", f"{floor['train_epoch_s'] * 1e3:.1f} ms", ""],
+        ["plain forward+backward epoch over the test data", f"{floor['test_epoch_s'] * 1e3:.1f} ms", ""],
+        ["DataInf's three matrix products on these shapes", f"{floor['gemms_s'] * 1e3:.1f} ms", ""],
+        ["**the floor**", f"**{floor['total_s'] * 1e3:.1f} ms**", "1.00×"],
+        [
+            "**the job**: `fit`, then the whole matrix through `SequentialInfluenceCalculator`",
+            f"**{r['job_s'] * 1e3:.1f} ms**",
+            f"**{ratio(r['job_over_floor'])}**",
+        ],
+    ]
+    for c in r["checks"]:
+        rows.append(
+            [
+                f"in the job: {c['check']}, {c['calls']} calls",
+                f"{c['seconds'] * 1e3:.2f} ms",
+                f"{100 * c['share_of_floor']:.1f}% of the floor",
+            ]
+        )
+    rows.append(
+        [
+            "the job without the time of these checks",
+            f"{(r['job_s'] - r['checks_s']) * 1e3:.1f} ms",
+            ratio(r["job_without_checks_over_floor"]),
+        ]
+    )
+    return "\n\n".join(
+        [
+            table(["measurement", "time (median run)", "× the floor"], rows, "lrr"),
+            source(
+                "bench_checks.json",
+                command="python benchmarks/bench_checks.py --out "
+                "benchmarks/results/bench_checks.json",
+            ),
+        ]
+    )
+
+
 FIT_JOBS = {
     "lora_mlp_hooks": "LoRA-MLP (frozen 256→512→512→10, r=8, n=4096, batch 256), hooks engine, factored cache (default)",
     "lora_mlp_hooks_dense_cache": "the same, dense cache (`factorize=False`)",

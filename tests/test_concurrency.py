@@ -124,7 +124,9 @@ def test_two_matrices_into_one_path_one_wins(pool, store, tmp_path):
     want = reference_matrix(store, str(tmp_path / "ref.zarr"))
     for r in range(ROUNDS):
         out = str(tmp_path / f"m{r}.zarr")
-        results = together(pool, W.matrix, (store, out, 1, False), (store, out, 2, False))
+        results = together(
+            pool, W.matrix, (store, out, 1, False), (store, out, 2, False)
+        )
         kinds = sorted(res["matrix"] for res in results)
         assert kinds == ["StoreExistsError", "ok"], results
         model, loss, *_, xt, yt = W._case(0)

@@ -33,7 +33,7 @@ from .factored import squared_norms as factored_norms
 from .fingerprint import FrozenRefs, frozen_digest, loss_name, weights_digest
 from .gradients import GradientEngine, LossFn, accumulation_dtype
 from .persistence import save_state
-from .rows import RowIndex, RowOrder, row_digests
+from .rows import RowIndex, RowOrder, batch_digest, row_digests
 from .state import FittedState
 from .storage import AutoGradientStore, GradientStore
 
@@ -361,7 +361,7 @@ def fit(
             digests = row_digests(x, y)
             order.add(digests)
             if rows is not None:
-                rows.extend(digests)
+                rows.extend(digests, batch_digest(x, y))
             n += len(x)
         if n == 0:
             raise EmptyDataError(

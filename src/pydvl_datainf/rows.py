@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Any, Dict, List, Optional, cast
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 DIGEST_BYTES = 16
+_MAX_BATCHES = 2**18  # batches of the fit recognised whole
+_RECENT = 256  # recent lookups remembered
 _KEY = np.dtype([("hi", ">u8"), ("lo", ">u8")])
 
 
@@ -117,7 +120,9 @@ def row_digests(x: torch.Tensor, y: torch.Tensor) -> List[bytes]:
             h = _mix(words ^ keys).sum(axis=1, dtype=np.uint64)
             lanes.append(_mix(h ^ s ^ np.uint64(width)))
     out = np.stack(lanes, axis=1).astype("<u8").view(np.uint8).reshape(n, DIGEST_BYTES)
-    return cast(List[bytes], out.view(np.dtype((np.void, DIGEST_BYTES))).ravel().tolist())
+    return cast(
+        List[bytes], out.view(np.dtype((np.void, DIGEST_BYTES))).ravel().tolist()
+    )
 
 
 def batch_digest(*tensors: torch.Tensor) -> bytes:
@@ -154,6 +159,9 @@ class RowIndex:
         self._parts: List[np.ndarray] = []
         self._sorted: Optional[np.ndarray] = None
         self._order: Optional[np.ndarray] = None
+        self._first: Optional[np.ndarray] = None
+        self._batches: Dict[bytes, Tuple[int, int]] = {}
+        self._recent: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.n = 0
 
@@ -180,7 +188,8 @@ class RowIndex:
             )
         with self._lock:
             self._parts.append(digests)
-            self._sorted = self._order = None
+            self._sorted = self._order = self._first = None
+            self._recent.clear()
             self.n += len(digests)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -188,10 +197,22 @@ class RowIndex:
         if len(x):
             self._add_digests(_keys(row_digests(x, y)))
 
-    def extend(self, digests: List[bytes]) -> None:
-        """Register rows by their digests (from [row_digests][pydvl_datainf.rows.row_digests]), in order."""
-        if digests:
-            self._add_digests(_keys(digests))
+    def extend(self, digests: List[bytes], batch: Optional[bytes] = None) -> None:
+        """Register rows by their digests (from [row_digests][pydvl_datainf.rows.row_digests]), in order.
+
+        Args:
+            digests: the rows' digests.
+            batch: the [batch_digest][pydvl_datainf.rows.batch_digest] of the
+                batch they came in: a query that passes the same batch again
+                (as pyDVL's calculators do) is then recognised whole.
+        """
+        if not digests:
+            return
+        start = self.n
+        self._add_digests(_keys(digests))
+        if batch is not None and len(self._batches) < _MAX_BATCHES:
+            with self._lock:
+                self._batches.setdefault(batch, (start, len(digests)))
 
     def digests(self) -> np.ndarray:
         """All digests in row order, `(n, 16)` uint8 (what is saved)."""
@@ -211,7 +232,7 @@ class RowIndex:
 
     def _table(self) -> tuple:
         with self._lock:
-            if self._sorted is None or self._order is None:
+            if self._sorted is None or self._order is None or self._first is None:
                 keys = (
                     np.concatenate(self._parts)
                     if self._parts
@@ -219,23 +240,48 @@ class RowIndex:
                 )
                 flat = np.ascontiguousarray(keys).view(_KEY).ravel()
                 order = np.argsort(flat, kind="stable")  # first occurrence first
-                self._sorted, self._order = flat[order], order
-            return self._sorted, self._order
+                ordered = flat[order]
+                # each row's first occurrence: the start of its run of equal keys
+                starts = np.ones(len(ordered), dtype=bool)
+                starts[1:] = ordered[1:] != ordered[:-1]
+                first = np.empty(len(order), dtype=np.int64)
+                first[order] = order[
+                    np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
+                ]
+                self._sorted, self._order, self._first = ordered, order, first
+            return self._sorted, self._order, self._first
 
     def locate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Row index of each sample of `(x, y)`, -1 for unknown samples."""
+        """Row index of each sample of `(x, y)`, -1 for unknown samples.
+
+        A batch seen before (in `fit`, or in a recent lookup) is recognised
+        by one digest of the whole batch; other batches row by row.
+        """
         if len(x) == 0:
             return torch.zeros(0, dtype=torch.long)
-        keys, order = self._table()
+        keys, order, first = self._table()
+        key = batch_digest(x, y)
+        with self._lock:
+            span = self._batches.get(key)
+            hit = self._recent.get(key)
+            if hit is not None:
+                self._recent.move_to_end(key)
+        if span is not None and span[1] == len(x):
+            return torch.from_numpy(first[span[0] : span[0] + span[1]].copy())
+        if hit is not None:
+            return torch.from_numpy(hit.copy())
         query = np.ascontiguousarray(_keys(row_digests(x, y))).view(_KEY).ravel()
-        if len(keys) == 0:
-            return torch.full((len(x),), -1, dtype=torch.long)
-        pos = np.searchsorted(keys, query)
-        found = pos < len(keys)
-        found[found] = keys[pos[found]] == query[found]
         out = np.full(len(query), -1, dtype=np.int64)
-        out[found] = order[pos[found]]
-        return torch.from_numpy(out)
+        if len(keys):
+            pos = np.searchsorted(keys, query)
+            found = pos < len(keys)
+            found[found] = keys[pos[found]] == query[found]
+            out[found] = order[pos[found]]
+        with self._lock:
+            self._recent[key] = out
+            while len(self._recent) > _RECENT:
+                self._recent.popitem(last=False)
+        return torch.from_numpy(out.copy())
 
     def lookup(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
         """Row indices of all samples of `(x, y)`, or None if any is unknown."""
