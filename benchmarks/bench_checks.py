@@ -166,7 +166,9 @@ def main() -> None:
     total = sum(r["seconds"] for r in rows_out)
     results = {
         "machine": machine(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+        },
         "parameters": p,
         "floor": {
             "train_epoch_s": epoch_train,

@@ -219,9 +219,21 @@ def _safety_checks(res: Results) -> str:
     r = res.json("bench_checks.json")
     floor = r["floor"]
     rows = [
-        ["plain forward+backward epoch over the training data", f"{floor['train_epoch_s'] * 1e3:.1f} ms", ""],
-        ["plain forward+backward epoch over the test data", f"{floor['test_epoch_s'] * 1e3:.1f} ms", ""],
-        ["DataInf's three matrix products on these shapes", f"{floor['gemms_s'] * 1e3:.1f} ms", ""],
+        [
+            "plain forward+backward epoch over the training data",
+            f"{floor['train_epoch_s'] * 1e3:.1f} ms",
+            "",
+        ],
+        [
+            "plain forward+backward epoch over the test data",
+            f"{floor['test_epoch_s'] * 1e3:.1f} ms",
+            "",
+        ],
+        [
+            "DataInf's three matrix products on these shapes",
+            f"{floor['gemms_s'] * 1e3:.1f} ms",
+            "",
+        ],
         ["**the floor**", f"**{floor['total_s'] * 1e3:.1f} ms**", "1.00×"],
         [
             "**the job**: `fit`, then the whole matrix through `SequentialInfluenceCalculator`",

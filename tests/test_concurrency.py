@@ -143,15 +143,17 @@ def test_two_resumes_of_one_matrix_finish_it(pool, store, tmp_path, monkeypatch)
     model, loss, *_, xt, yt = W._case(0)
     infl = DataInfInfluence.from_store(model, loss, store, progress=False)
     write = TileOutput.write_tile
+    calls = {"n": 0}
+
+    def stop_after_two(self, g, c, tile):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        write(self, g, c, tile)
+
     for r in range(ROUNDS):
         out = str(tmp_path / f"m{r}.zarr")
-        calls = {"n": 0}
-
-        def stop_after_two(self, g, c, tile):
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-            calls["n"] += 1
-            write(self, g, c, tile)
+        calls["n"] = 0
 
         monkeypatch.setattr(TileOutput, "write_tile", stop_after_two)
         with pytest.raises(KeyboardInterrupt):
