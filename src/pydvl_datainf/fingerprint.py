@@ -238,7 +238,7 @@ class WeightWatch:
         >>> watch.changed()
         'trainable'
         >>> p.data[:] = p.data.flip(0)
-        >>> base.add_(1.0)              # a frozen tensor changed in place
+        >>> _ = base.add_(1.0)          # a frozen tensor changed in place
         >>> watch.changed()
         'frozen'
     """
