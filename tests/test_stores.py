@@ -120,8 +120,10 @@ def ref_grads(case):
 
 def test_fit_writes_whole_chunks_and_buffers_at_most_one(monkeypatch, tmp_path):
     model, loss, x, y, *_ = make_case("mlp", n=30)
+    from pydvl_datainf.storage.zarr_writer import ZarrStoreWriter
+
     flushed, buffered = [], []
-    orig_flush, orig_append = ZarrGradientStore._flush, ZarrGradientStore.append
+    orig_flush, orig_append = ZarrStoreWriter._flush, ZarrStoreWriter.append
 
     def flush(self, rows):
         flushed.append((self.n - self._buffered, rows))
@@ -131,8 +133,8 @@ def test_fit_writes_whole_chunks_and_buffers_at_most_one(monkeypatch, tmp_path):
         orig_append(self, grads)
         buffered.append(self._buffered)
 
-    monkeypatch.setattr(ZarrGradientStore, "_flush", flush)
-    monkeypatch.setattr(ZarrGradientStore, "append", append)
+    monkeypatch.setattr(ZarrStoreWriter, "_flush", flush)
+    monkeypatch.setattr(ZarrStoreWriter, "append", append)
     DataInfInfluence(
         model,
         loss,

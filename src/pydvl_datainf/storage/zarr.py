@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
-import uuid
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import (
     Any,
     Callable,
@@ -39,59 +36,39 @@ from typing import (
 import numpy as np
 import torch
 
-from ..errors import NonFiniteGradientError, StoreMismatchError, StoreReplacedError
+from ..errors import StoreMismatchError, StoreReplacedError
 from ..factored import Rows, densify
-from .base import FitState, GradientStore, default_chunk_rows, trim_heap
+from .base import FitState, GradientStore, trim_heap
 from .chunks import CheckedChunks
 from .digests import DigestTable
-from .dtypes import (
-    STORE_DTYPES,
-    dtype_name,
-    numpy_dtype,
-    numpy_to_torch,
-    resolve_store_dtype,
-    torch_to_numpy,
-)
+from .dtypes import STORE_DTYPES, dtype_name, numpy_to_torch, resolve_store_dtype
 from .format import (
     FORMATS,
     GRADIENT_STORE,
     PathLike,
-    check_claimable,
     check_path,
-    claim_path,
-    create_checked_array,
-    is_url,
     load_digests,
     open_checked_array,
     open_zarr_group,
-    publish_path,
     read_manifest,
-    staging_path,
-    write_checked_array,
-    write_manifest,
 )
+from .zarr_layout import (
+    FORMAT_VERSION,
+    WHAT,
+    grad_names,
+    norm_names,
+    remove_directory,
+    replaced_error,
+    store_id_at,
+)
+from .zarr_writer import ZarrStoreWriter
 
 __all__ = ["ZarrGradientStore", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
-"""Version of the gradient store format (3: checksummed chunks bound to their
-places by digest tables, an owner id, the identity of the fit)."""
-
-_WHAT = "gradient store"
+_WHAT = WHAT
 T = TypeVar("T")
-
-
-def _remove_directory(path: str) -> None:
-    """Remove a temporary directory the library created (a finalizer)."""
-    try:
-        shutil.rmtree(path)
-        logger.debug("Removed the temporary directory %s", path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:  # pragma: no cover - e.g. a file still open on Windows
-        logger.warning("Could not remove the temporary directory %s: %s", path, e)
 
 
 class ZarrGradientStore(GradientStore):
@@ -195,59 +172,31 @@ class ZarrGradientStore(GradientStore):
         self._cleanup: Optional[weakref.finalize] = None
         if temporary_directory is not None:
             self._cleanup = weakref.finalize(
-                self, _remove_directory, os.fspath(temporary_directory)
+                self, remove_directory, os.fspath(temporary_directory)
             )
         self.path = check_path(path)
         self.storage_options = dict(storage_options or {})
-        self._dtype = resolve_store_dtype(dtype)
-        self._chunk_rows = None if chunk_rows is None else int(chunk_rows)
-        if self._chunk_rows is not None and self._chunk_rows <= 0:
+        if chunk_rows is not None and int(chunk_rows) <= 0:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-        self._compressors = compressors
-        self._lock = threading.RLock()
-        self._arrays: Optional[List[Any]] = None
-        self._readers: Dict[str, CheckedChunks] = {}
-        self._digests: Dict[str, DigestTable] = {}
-        self._buffer: Dict[str, List[np.ndarray]] = {k: [] for k in self.block_names}
-        self._buffered = 0
-        self._n = 0
-        self._sizes: List[int] = []
-        self._writer: Optional[ThreadPoolExecutor] = None
-        self._pending: List[Future] = []
-        self._store_id = uuid.uuid4().hex
-        self._overwrite = bool(overwrite)
-        hint = (
-            "Pass overwrite=True (store_options={'overwrite': True} to "
-            "DataInfInfluence) to replace it, or reopen it with "
-            "DataInfInfluence.from_store."
-        )
-        # refuse at once what publishing would refuse at the end
-        check_claimable(
+        self._writer: Optional[ZarrStoreWriter] = ZarrStoreWriter(
             self.path,
-            GRADIENT_STORE,
+            self.block_names,
+            dtype=resolve_store_dtype(dtype),
+            chunk_rows=None if chunk_rows is None else int(chunk_rows),
             overwrite=overwrite,
             storage_options=self.storage_options,
-            exists_hint=hint,
+            compressors=compressors,
         )
-        self._location = self.path
-        self._staging: Optional[weakref.finalize] = None
-        if not is_url(self.path):  # built aside, renamed into place when done
-            self._location = staging_path(self.path)
-            self._staging = weakref.finalize(self, _remove_directory, self._location)
-        self._group = claim_path(
-            self._location,
-            GRADIENT_STORE,
-            overwrite=overwrite,
-            storage_options=self.storage_options,
-            attributes={
-                "format_version": FORMAT_VERSION,
-                "block_names": self.block_names,
-                "store_id": self._store_id,
-                "finalized": False,
-                "complete": False,
-            },
-            exists_hint=hint,
-        )
+        self._lock = threading.RLock()
+        self._group: Any = None
+        self._readers: Dict[str, CheckedChunks] = {}
+        self._digests: Dict[str, DigestTable] = self._writer.digests
+        self._store_id = self._writer.store_id
+        self._location = self._writer.location
+        self._dtype = self._writer.dtype
+        self._chunk_rows = self._writer.chunk_rows
+        self._sizes: List[int] = []
+        self._n = 0
 
     # --------------------------------------------------------------- reading
     @classmethod
@@ -304,26 +253,19 @@ class ZarrGradientStore(GradientStore):
         self = cls.__new__(cls)
         GradientStore.__init__(self, attrs["block_names"])
         self.path = path
-        self._location = path
-        self._staging = None
-        self._overwrite = False
         self.storage_options = dict(storage_options or {})
-        self._dtype = STORE_DTYPES[attrs["dtype"]]
-        self._chunk_rows = int(attrs["chunk_rows"])
-        self._compressors = None
         self._cleanup = None
+        self._writer = None
         self._lock = threading.RLock()
         self._group = group
-        self._arrays = None
         self._readers = {}
         self._digests = {}
-        self._buffer = {k: [] for k in self.block_names}
-        self._buffered = 0
-        self._writer = None
-        self._pending = []
+        self._store_id = str(attrs.get("store_id", ""))
+        self._location = path
+        self._dtype = STORE_DTYPES[attrs["dtype"]]
+        self._chunk_rows = int(attrs["chunk_rows"])
         self._n = int(attrs["n"])
         self._sizes = [int(s) for s in attrs["block_sizes"]]
-        self._store_id = str(attrs.get("store_id", ""))
         self._finalized = True
         manifest = read_manifest(group, path, _WHAT)
         names = self._grad_names() + (
@@ -381,10 +323,10 @@ class ZarrGradientStore(GradientStore):
             return self._group
 
     def _grad_names(self) -> List[str]:
-        return [f"grads/{i}" for i in range(len(self.block_names))]
+        return grad_names(len(self.block_names))
 
     def _norm_names(self) -> List[str]:
-        return [f"norms/{i}" for i in range(len(self.block_names))]
+        return norm_names(len(self.block_names))
 
     def _reader(
         self, name: str, manifest: Optional[Mapping[str, Any]] = None
@@ -412,27 +354,14 @@ class ZarrGradientStore(GradientStore):
             return reader
 
     def disk_store_id(self) -> Optional[str]:
-        """The id of the store now at this path (`None` if there is none)."""
-        import zarr.errors
-
-        try:
-            group = open_zarr_group(self._location, "r", self.storage_options)
-        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-            return None
-        return str(group.attrs.get("store_id", ""))
+        """The id of the store now where this one is (`None` if there is none)."""
+        return store_id_at(self._location, self.storage_options)
 
     def _check_owner(self, doing: str) -> None:
         """Raise unless the store at this path is still this store."""
         now = self.disk_store_id()
         if now != self._store_id:
-            found = "nothing" if now is None else f"a store with id {now[:12]}"
-            raise StoreReplacedError(
-                f"The gradient store at {self.path!r} was replaced while {doing} it: "
-                f"it had id {self._store_id[:12]}, and {found} is there now (another "
-                f"fit or process wrote to this path). Nothing was read from the "
-                f"other store. Reopen it with DataInfInfluence.from_store, or fit "
-                f"again."
-            )
+            raise replaced_error(self.path, self._store_id, now, doing)
 
     def _checked(self, read: Callable[..., T], *args: Any) -> T:
         """`read(*args)`; a failed chunk check of a replaced store says so."""
@@ -599,18 +528,6 @@ class ZarrGradientStore(GradientStore):
             extra=dict(attrs.get("fit_extra") or {}),
         )
 
-    def save_array(self, name: str, values: np.ndarray, chunk_rows: int) -> None:
-        """Write an extra array of this fit (e.g. the row index), bound to its
-        place like the gradients, and list it in the manifest."""
-        group = self._writable_group("saving the fit state of")
-        table = write_checked_array(
-            group, name, values, (chunk_rows, *values.shape[1:])
-        )
-        write_manifest(group, [name], {name: table})
-        with self._lock:
-            self._digests[name] = table
-            self._readers.pop(name, None)
-
     def load_array(self, name: str) -> Optional[np.ndarray]:
         """An extra array written by `save_array`, checked; `None` if the
         manifest does not list it."""
@@ -621,140 +538,31 @@ class ZarrGradientStore(GradientStore):
         return np.array(self._checked(lambda: reader.read_rows(0, reader.shape[0])))
 
     # --------------------------------------------------------------- writing
-    def _writable_group(self, doing: str) -> Any:
-        self._check_owner(doing)
-        group = self._get_group()
-        if group.read_only:
-            group = open_zarr_group(self._location, "r+", self.storage_options)
-            self._group = group
-        return group
-
-    def _create_arrays(self, grads: Mapping[str, torch.Tensor]) -> None:
-        first = next(iter(grads.values()))
-        if self._dtype is None:
-            self._dtype = (
-                first.dtype if first.dtype in STORE_DTYPES.values() else torch.float32
+    def _writing(self) -> ZarrStoreWriter:
+        if self._writer is None:
+            raise RuntimeError(
+                f"The gradient store at {self.path!r} was opened for reading; "
+                f"write a new one with ZarrGradientStore(path, ..., overwrite=True)"
             )
-        self._sizes = [int(grads[k].shape[1]) for k in self.block_names]
-        item = torch.empty(0, dtype=self._dtype).element_size()
-        if self._chunk_rows is None:
-            self._chunk_rows = default_chunk_rows(sum(self._sizes) * item)
-        arrays = []
-        for name, d in zip(self._grad_names(), self._sizes):
-            arrays.append(
-                create_checked_array(
-                    self._group,
-                    name,
-                    shape=(0, d),
-                    chunks=(self._chunk_rows, d),
-                    dtype=numpy_dtype(self._dtype),
-                    compressors=self._compressors,
-                )
-            )
-            self._digests[name] = DigestTable((0, 1))
-        self._arrays = arrays
-        self._group.attrs.update(
-            {
-                "block_sizes": self._sizes,
-                "dtype": dtype_name(self._dtype),
-                "chunk_rows": self._chunk_rows,
-                "n": 0,
-            }
-        )
+        return self._writer
 
     def append(self, grads: Mapping[str, Rows]) -> None:
         self._check_append(grads)
-        dense = {k: densify(g) for k, g in grads.items()}
-        with self._lock:
-            if self._arrays is None:
-                self._create_arrays(dense)
-            assert self._dtype is not None and self._chunk_rows is not None
-            for k, g in dense.items():
-                t = g.detach().to(device="cpu", dtype=self._dtype)
-                if t.dtype in (torch.float16, torch.bfloat16) and not bool(
-                    torch.isfinite(t).all()
-                ):
-                    raise NonFiniteGradientError(
-                        f"Gradients of block {k!r} overflow {dtype_name(self._dtype)} "
-                        f"(|g| > {torch.finfo(self._dtype).max:.4g}); store them in "
-                        f"bfloat16 or float32 instead."
-                    )
-                self._buffer[k].append(torch_to_numpy(t, self._dtype))
-            self._buffered += len(next(iter(dense.values())))
-            self._n += len(next(iter(dense.values())))
-            while self._buffered >= self._chunk_rows:
-                self._flush(self._chunk_rows)
-
-    def _flush(self, rows: int) -> None:
-        """Write the first `rows` buffered rows at the end of every array.
-
-        Writes run in one background thread, in order, so that gradient
-        computation overlaps disk I/O; at most one write is pending.
-        """
-        assert self._arrays is not None
-        start = self._n - self._buffered
-        heads = []
-        for k in self.block_names:
-            parts = self._buffer[k]
-            data = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            heads.append(data[:rows])
-            tail = data[rows:]
-            self._buffer[k] = [tail] if len(tail) else []
-        self._buffered -= rows
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="datainf-write")
-        self._pending.append(self._writer.submit(self._write, start, rows, heads))
-        while len(self._pending) > 1:
-            self._pending.pop(0).result()
-            trim_heap()
-
-    def _write(self, start: int, rows: int, heads: List[np.ndarray]) -> None:
-        assert self._arrays is not None and self._chunk_rows is not None
-        self._check_owner("writing")
-        for arr, name, head in zip(self._arrays, self._grad_names(), heads):
-            arr.resize((start + rows, arr.shape[1]))
-            arr[start : start + rows] = head
-            table = self._digests[name]
-            table.grow(arr.shape, arr.chunks)
-            table.record_region((start, 0), head, arr.chunks)
-
-    def _drain(self) -> None:
-        """Wait for pending writes (re-raising their errors) and stop the writer."""
-        try:
-            while self._pending:
-                self._pending.pop(0).result()
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-                self._writer = None
+        writer = self._writing()
+        writer.append({k: densify(g) for k, g in grads.items()})
+        self._n = writer.n
+        self._dtype, self._chunk_rows = writer.dtype, writer.chunk_rows
+        self._sizes = list(writer.sizes)
 
     def finalize(self, publish: bool = True) -> None:
         """Write what is buffered, seal the store (no more appends) and, with
         `publish`, [publish][pydvl_datainf.storage.zarr.ZarrGradientStore.publish] it."""
         with self._lock:
-            if self._finalized:
-                if publish:
-                    self.publish()
-                return
-            if self._arrays is None:
-                raise RuntimeError("Cannot finalize an empty Zarr gradient store")
-            if self._buffered:
-                self._flush(self._buffered)
-            self._drain()
-            self._check_owner("finishing")
-            names = self._grad_names()
-            write_manifest(self._group, names, {k: self._digests[k] for k in names})
-            self._group.attrs.update({"n": self._n, "finalized": True})
-            super().finalize()
+            if not self._finalized:
+                self._writing().finalize()
+                super().finalize()
             if publish:
                 self.publish()
-        logger.info(
-            "Wrote %d gradient rows (%.3g GB, %s) to %s",
-            self._n,
-            self.nbytes / 1e9,
-            dtype_name(self._dtype) if self._dtype else "?",
-            self.path,
-        )
 
     def publish(self) -> None:
         """Move the store, built aside, to its path (one atomic rename).
@@ -773,90 +581,59 @@ class ZarrGradientStore(GradientStore):
                 or another process published there at the same time.
         """
         with self._lock:
-            if self._location == self.path:
+            writer = self._writer
+            if writer is None or writer.published:
                 return
             if not self._finalized:
                 raise RuntimeError("Finalize the store before publishing it")
-            self._drain()
-            self._check_owner("publishing")
-            publish_path(
-                self._location, self.path, GRADIENT_STORE, overwrite=self._overwrite
-            )
-            if self._staging is not None:
-                self._staging.detach()
-                self._staging = None
+            writer.publish()
             self._location = self.path
-            self._group, self._arrays, self._readers = None, None, {}
+            self._group, self._readers = None, {}
 
     def save_fit_state(self, state: FitState) -> None:
         if not self._finalized:
             raise RuntimeError("Finalize the store before saving the fit state")
-        group = self._writable_group("saving the fit state of")
-        tables = {}
-        for name, k in zip(self._norm_names(), self.block_names):
-            s = state.squared_norms[k].detach().to("cpu").numpy()
-            tables[name] = write_checked_array(
-                group, name, s, (max(1, min(len(s), 2**20)),)
-            )
-        write_manifest(group, list(tables), tables)
+        self._writing().save_fit_state(state)
         with self._lock:
-            self._digests.update(tables)
-            for name in tables:
+            for name in self._norm_names():
                 self._readers.pop(name, None)
-        group.attrs.update(
-            {
-                "n_train": state.n_train,
-                "regularization": dict(state.regularization),
-                "regularization_spec": dict(state.regularization_spec),
-                "regularization_scale": state.regularization_scale,
-                "weights_digest": state.weights_digest,
-                "frozen_digest": state.frozen_digest,
-                "rows_digest": state.rows_digest,
-                "block_structure": {
-                    k: list(v) for k, v in state.block_structure.items()
-                },
-                "block_shapes": {
-                    k: [list(s) for s in v] for k, v in state.block_shapes.items()
-                },
-                "fit_extra": dict(state.extra),
-            }
-        )
-        self._check_owner("saving the fit state of")
-        group.attrs["complete"] = True
+
+    def save_array(self, name: str, values: np.ndarray, chunk_rows: int) -> None:
+        """Write an extra array of this fit (e.g. the row index), bound to its
+        place like the gradients, and list it in the manifest."""
+        self._writing().save_array(name, values, chunk_rows)
+        with self._lock:
+            self._readers.pop(name, None)
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self) -> Dict[str, Any]:
         if not self._finalized:
             raise RuntimeError("A Zarr gradient store can only be pickled after fit")
         state = self.__dict__.copy()
-        for k in ("_lock", "_group", "_arrays", "_readers", "_writer", "_pending"):
+        for k in ("_lock", "_group", "_readers", "_writer"):
             state.pop(k, None)
         state["_cleanup"] = None  # a copy never owns the temporary directory
-        state["_staging"] = None
-        state["_buffer"] = {k: [] for k in self.block_names}
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self._group = None
-        self._arrays = None
         self._readers = {}
         self._writer = None
-        self._pending = []
 
     def close(self) -> None:
-        """Stop the writer and, if the store owns a temporary directory, remove
-        it (with the gradients). Safe to call more than once."""
+        """Stop the writer; remove a store that was never published, and, if
+        the store owns a temporary directory, that directory (with the
+        gradients). Safe to call more than once."""
         with self._lock:
             try:
-                self._drain()
+                if self._writer is not None:
+                    self._writer.close()
             finally:
-                for owned in (self._staging, self._cleanup):
-                    if owned is not None and owned.alive:  # never published
-                        owned()
-                        self._group, self._arrays = None, None
-                        self._readers = {}
+                if self._cleanup is not None and self._cleanup.alive:
+                    self._cleanup()
+                    self._group, self._readers = None, {}
 
     @property
     def temporary_directory(self) -> Optional[str]:
