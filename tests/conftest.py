@@ -14,6 +14,7 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 #: kernels selected (see .ci/run), to catch results that depend on one kernel
 KERNEL_SENSITIVE = {
     "test_concurrency.py",
+    "test_dask_fit.py",
     "test_distributed.py",
     "test_faults_identity.py",
     "test_faults_matrix.py",

@@ -35,6 +35,7 @@ LAYERS: Dict[str, int] = {
     # 3. the fitted state, the fit pass, persistence, the operator over a state
     "state": 3,
     "fit": 3,
+    "dask_fit": 3,
     "persistence": 3,
     "operator": 3,
     # 4. the pyDVL model

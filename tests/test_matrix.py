@@ -24,6 +24,7 @@ from pydvl_datainf import (
     self_influence,
     top_k,
 )
+from pydvl_datainf.storage.digests import place_mark
 from reference import DenseDataInf, rel_err
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -408,6 +409,6 @@ def test_matrix_refuses_stale_model(tmp_path):
 def test_done_mask_reads_marks(tmp_path):
     g = zarr.open_group(str(tmp_path / "d.zarr"), mode="w")
     d = g.create_array("done", shape=(2, 3), chunks=(1, 1), dtype="int64")
-    matrix_module.mark_done(d, (1, 2), matrix_module.place_mark("r", "m", (1, 2), [7]))
+    matrix_module.mark_done(d, (1, 2), place_mark("r", "m", (1, 2), [7]))
     mask = matrix_module.done_mask(d)
     assert mask.tolist() == [[False] * 3, [False, False, True]]

@@ -25,6 +25,7 @@ import logging
 import os
 from collections import OrderedDict
 from typing import (
+    TYPE_CHECKING,
     Any,
     Dict,
     List,
@@ -44,6 +45,7 @@ from torch.utils.data import DataLoader
 from . import formula
 from .blocks import BlockSpec, BlockStructure, build_blocks
 from .config import RegularizationSpec, parse_bytes, validate_regularization
+from .dask_fit import fit_on_dask
 from .errors import (
     BlockStructureError,
     NotFittedError,
@@ -67,6 +69,9 @@ from .storage import (
     resolve_store_dtype,
 )
 from .storage.policy import StoreSpec, check_store_spec, new_store
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
 
 __all__ = ["DataInfInfluence", "RegularizationSpec"]
 
@@ -677,14 +682,33 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         if isinstance(store, ZarrGradientStore) and store.path == self.store_path:
             self._owned_store = (store.path, store.store_id)
 
-    def fit(self, data: DataLoader) -> DataInfInfluence:
-        """One pass over `data`: cache gradients, squared norms and $\\lambda_l$.
+    def fit(
+        self,
+        data: DataLoader,
+        *,
+        client: Optional[Client] = None,
+        partition_rows: Optional[int] = None,
+        resume: bool = False,
+    ) -> DataInfInfluence:
+        r"""One pass over `data`: cache gradients, squared norms and $\lambda_l$.
 
         Training rows are numbered in the order of this pass (a shuffling
         loader gives a random order; prefer `shuffle=False`).
 
+        With a Dask `client`, the pass runs on the cluster: fixed partitions
+        of rows, each written by a task into the Zarr store at `store_path`,
+        with the same bits as a one-process fit (see
+        [fit_on_dask][pydvl_datainf.dask_fit.fit_on_dask]).
+
         Args:
-            data: an iterable of `(x, y)` batches, e.g. a torch DataLoader.
+            data: an iterable of `(x, y)` batches, e.g. a torch DataLoader
+                (with `client`: a DataLoader over a map-style dataset, in
+                order).
+            client: a `distributed.Client` to fit on (needs `store="zarr"`).
+            partition_rows: with `client`, rows per partition (default about
+                $n/16$).
+            resume: with `client`, finish an interrupted fit of the same model,
+                loss and data.
 
         Returns:
             This instance, fitted.
@@ -692,9 +716,22 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         Raises:
             EmptyDataError: the loader yields no samples.
             NonFiniteGradientError: a gradient is NaN or inf (names the samples).
-            RegularizationError: an `"auto"` $\\lambda_l$ is zero, or a value
+            RegularizationError: an `"auto"` $\lambda_l$ is zero, or a value
                 is out of range for the compute dtype.
+            ValueError: `client` without `store="zarr"` and a `store_path`.
         """
+        if client is None and (partition_rows is not None or resume):
+            raise ValueError("partition_rows and resume apply to a fit with client=")
+        if client is not None:
+            # not under the model's lock: in-process workers compute on this
+            # very model, and take the lock themselves
+            with self._lock:
+                self._set_state(None)
+            state = self._fit_on_dask(data, client, partition_rows, resume)
+            with self._lock:
+                self._remember_store(state.store)
+                self._set_state(state, self._new_watch(state))
+            return self
         with self._lock:
             self._set_state(None)
             store = self._new_store(data)
@@ -709,12 +746,42 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                     progress=self.progress,
                 )
             except BaseException:
-                self._remember_store(store)  # an interrupted fit may be redone
                 store.close()  # a temporary directory goes at once
                 raise
             self._remember_store(state.store)
             self._set_state(state, self._new_watch(state))
         return self
+
+    def _fit_on_dask(
+        self,
+        data: DataLoader,
+        client: Client,
+        partition_rows: Optional[int],
+        resume: bool,
+    ) -> FittedState:
+        if self._store_spec != "zarr" or self.store_path is None:
+            raise ValueError(
+                "A fit on Dask writes a Zarr store that the workers share: pass "
+                "store='zarr' and a store_path that every worker can reach"
+            )
+        options = self.store_options
+        return fit_on_dask(
+            self._gradients,
+            data,
+            client,
+            self.store_path,
+            regularization=self._regularization_spec,
+            regularization_scale=self.regularization_scale,
+            dtype=self.store_dtype,
+            chunk_rows=options.get("chunk_rows"),
+            partition_rows=partition_rows,
+            overwrite=bool(options.get("overwrite", False))
+            or self._owns_store_at_path(),
+            resume=resume,
+            storage_options=options.get("storage_options"),
+            compressors=options.get("compressors"),
+            progress=self.progress,
+        )
 
     @classmethod
     def from_store(

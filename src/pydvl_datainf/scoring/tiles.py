@@ -34,7 +34,6 @@ recover.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import uuid
@@ -50,7 +49,7 @@ from ..errors import (
     StoreMismatchError,
     StoreReplacedError,
 )
-from ..storage.digests import chunk_digest
+from ..storage.digests import chunk_digest, place_mark
 from ..storage.format import (
     INFLUENCE_MATRIX,
     PathState,
@@ -77,7 +76,6 @@ __all__ = [
     "done_mask",
     "mark_done",
     "read_marks",
-    "place_mark",
     "check_range",
 ]
 
@@ -157,23 +155,6 @@ class Layout:
             str(attrs["dtype"]),
             str(attrs["factor_dtype"]),
         )
-
-
-def place_mark(
-    run_id: str, what: str, index: Tuple[int, ...], digests: Sequence[int]
-) -> int:
-    """The mark of a finished tile or factor group: a positive int64 digest of
-    the run, the array, the place and the CRC-32C of the values written there.
-
-    Example:
-        >>> a = place_mark("run", "matrix", (0, 1), [123])
-        >>> a > 0 and a != place_mark("run", "matrix", (1, 0), [123])
-        True
-    """
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{run_id}|{what}|{tuple(int(i) for i in index)}|".encode())
-    h.update(",".join(str(int(d)) for d in digests).encode())
-    return int.from_bytes(h.digest(), "little") % (2**62) + 1
 
 
 def mark_done(done: Any, index: Tuple[int, ...], mark: int) -> None:

@@ -198,6 +198,29 @@ class ZarrGradientStore(GradientStore):
         self._sizes: List[int] = []
         self._n = 0
 
+    @classmethod
+    def from_writer(cls, writer: ZarrStoreWriter) -> ZarrGradientStore:
+        """A finished store over what `writer` wrote (to save a fit's state
+        into it and publish it), e.g. one assembled from partitions."""
+        if not writer.finalized:
+            raise RuntimeError("The writer has not finished its store")
+        self = cls.__new__(cls)
+        GradientStore.__init__(self, writer.block_names)
+        self.path = writer.path
+        self.storage_options = dict(writer.storage_options)
+        self._cleanup = None
+        self._writer = writer
+        self._lock = threading.RLock()
+        self._group = None
+        self._readers = {}
+        self._digests = writer.digests
+        self._store_id = writer.store_id
+        self._location = writer.location
+        self._dtype, self._chunk_rows = writer.dtype, writer.chunk_rows
+        self._n, self._sizes = writer.n, list(writer.sizes)
+        self._finalized = True
+        return self
+
     # --------------------------------------------------------------- reading
     @classmethod
     def open(

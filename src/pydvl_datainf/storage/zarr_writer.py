@@ -119,6 +119,47 @@ class ZarrStoreWriter:
         if self.location != path:  # removed if never published
             self._staging = weakref.finalize(self, remove_directory, self.location)
 
+    @classmethod
+    def adopt(
+        cls,
+        path: str,
+        location: str,
+        store_id: str,
+        block_names: Sequence[str],
+        *,
+        sizes: Sequence[int],
+        n: int,
+        dtype: torch.dtype,
+        chunk_rows: int,
+        digests: Mapping[str, DigestTable],
+        overwrite: bool,
+        storage_options: Optional[Mapping[str, Any]] = None,
+    ) -> ZarrStoreWriter:
+        """The writer of a store that another writer finished at `location`
+        (e.g. [PartitionedStore][pydvl_datainf.storage.partitioned.PartitionedStore]):
+        its fit state can be saved and it can be published."""
+        self = cls.__new__(cls)
+        self.path = path
+        self.block_names = list(block_names)
+        self.storage_options = dict(storage_options or {})
+        self.dtype, self.chunk_rows = dtype, int(chunk_rows)
+        self.overwrite = bool(overwrite)
+        self.compressors = None
+        self.store_id = store_id
+        self.sizes, self.n = [int(d) for d in sizes], int(n)
+        self.finalized = True
+        self.digests = dict(digests)
+        self._lock = threading.RLock()
+        self._arrays = None
+        self._buffer = {k: [] for k in self.block_names}
+        self._buffered = 0
+        self._thread, self._pending = None, []
+        self.location = location
+        self._group = open_zarr_group(location, "r", self.storage_options)
+        self._staging = None  # kept if not published: the fit may resume
+        self.check_owner("finishing")
+        return self
+
     @property
     def published(self) -> bool:
         """Whether the store is at its path."""
