@@ -60,6 +60,7 @@ __all__ = [
     "Results",
     "TABLES",
     "check",
+    "check_page",
     "main",
     "regions",
     "render",
@@ -855,10 +856,10 @@ CUSTOM_LORA_COMMAND = (
     "--out benchmarks/results/bench_fit_custom_lora.json"
 )
 CUSTOM_JOBS = {
-    "custom_lora_mlp_hooks": "custom LoRA module, hooks engine, one block per parameter (the blocks of the LoRA-MLP above)",
-    "custom_lora_mlp_hooks_layer_blocks": "the same, one block per custom layer (`lora_A` and `lora_B` together)",
+    "custom_lora_mlp_hooks": "custom LoRA module, hooks engine, the default blocks: one per `lora_A` and one per `lora_B` (as for the LoRA-MLP above)",
+    "custom_lora_mlp_hooks_layer_blocks": 'the same, `block_structure="module"`: one block per custom layer (`lora_A` and `lora_B` together)',
     "custom_lora_mlp_hooks_engine": "the same, per-sample gradients only (the engine without the cache)",
-    "custom_lora_mlp_func": "the same, `torch.func` over the whole model, one block per parameter",
+    "custom_lora_mlp_func": "the same, `torch.func` over the whole model, the default blocks",
 }
 
 
@@ -892,6 +893,93 @@ def _fit_custom_lora(res: Results) -> str:
             source(CUSTOM_LORA, command=CUSTOM_LORA_COMMAND),
         ]
     )
+
+
+# --- the classification head (a table of docs/own-models.md) ---------------------
+
+HEAD = "head_blocks.json"
+HEAD_COMMAND = (
+    "python benchmarks/head_blocks.py --out benchmarks/results/head_blocks.json"
+)
+HEAD_CHOICES = {
+    "lora_only": "LoRA only (`include_head=False`)",
+    "head_only": "head only",
+    "both": "both (default)",
+}
+
+
+def _head_runs(res: Results, dataset: str) -> List[Dict[str, Any]]:
+    return [r for r in res.json(HEAD)["runs"] if r["dataset"] == dataset]
+
+
+def _head_stat(res: Results, dataset: str, key: str, choice: str = "") -> str:
+    """`mean ± std` over the seeds of a run's value (an AUC when `choice`)."""
+    runs = _head_runs(res, dataset)
+    values = [r["auc"][choice] if choice else r[key] for r in runs]
+    mean, std = _stats(values)
+    if key == "relative_change":
+        return f"{100 * mean:.1f}% ± {100 * std:.1f}%"
+    return mean_std(mean, std)
+
+
+@register("head-blocks")
+def _head_blocks(res: Results) -> str:
+    doc = res.json(HEAD)
+    datasets = list(dict.fromkeys(r["dataset"] for r in doc["runs"]))
+    rows = []
+    for ds in datasets:
+        runs = _head_runs(res, ds)
+        means = {c: _stats([r["auc"][c] for r in runs])[0] for c in HEAD_CHOICES}
+        best = max(round(v, 3) for v in means.values())
+        rows.append(
+            [
+                DATASET_LABELS.get(ds, ds),
+                *(
+                    bold(_head_stat(res, ds, "auc", c), round(means[c], 3) == best)
+                    for c in HEAD_CHOICES
+                ),
+                _head_stat(res, ds, "relative_change"),
+                _head_stat(res, ds, "harm_spearman"),
+            ]
+        )
+    seeds = len(_head_runs(res, datasets[0]))
+    first = doc["runs"][0]
+    heads = _listing(
+        [
+            f"{_head_runs(res, ds)[0]['head_parameters']:,} on "
+            f"{DATASET_LABELS.get(ds, ds)}"
+            for ds in datasets
+        ]
+    )
+    return "\n\n".join(
+        [
+            table(
+                [
+                    "data set",
+                    *(f"AUC, {label}" for label in HEAD_CHOICES.values()),
+                    "change of the scores",
+                    "rank correlation",
+                ],
+                rows,
+                "lrrrrr",
+            ),
+            f"Mean ± standard deviation over {seeds} seed{'s' * (seeds != 1)}; per run, "
+            f"{first['n_train']} training texts (20% of the labels flipped) and "
+            f"{first['n_test']} clean test texts. AUC: the ROC AUC of the "
+            "mislabel scores at finding the flipped labels, with the blocks "
+            "named. Change of the scores: the relative Frobenius norm of the "
+            "difference of the score matrices with and without the head block, "
+            "‖S_both − S_LoRA‖ / ‖S_LoRA‖. Rank correlation: Spearman's, of "
+            "the mislabel scores with and without the head block. The adapters "
+            f"have {first['lora_parameters']:,} parameters in "
+            f"{first['n_blocks']['lora_only']} blocks, the head {heads}.",
+            source(HEAD, command=HEAD_COMMAND),
+        ]
+    )
+
+
+TABLE_PAGES: Dict[str, str] = {"head-blocks": "own-models.md"}
+"""Tables shown on another page of `docs/` than the benchmarks page: `{table: page}`."""
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -1692,7 +1780,46 @@ def _two(
     return lambda res: template.format(f3(_peer(*a)(res)), f3(_peer(*b)(res)))
 
 
+def _head_mean_auc(res: Results, dataset: str, choice: str) -> float:
+    return statistics.fmean(r["auc"][choice] for r in _head_runs(res, dataset))
+
+
+def _head_datasets(res: Results) -> List[str]:
+    return list(dict.fromkeys(r["dataset"] for r in res.json(HEAD)["runs"]))
+
+
 PAGE_CLAIMS: Dict[str, List[Claim]] = {
+    "own-models.md": [
+        Claim(
+            "The head block changes the scores by less than 4%",
+            HEAD,
+            lambda r: (
+                "less than "
+                f"{math.ceil(100 * max(x['relative_change'] for x in r.json(HEAD)['runs']))}%"
+            ),
+        ),
+        Claim(
+            "finds them better than the LoRA blocks",
+            HEAD,
+            lambda r: (
+                "better"
+                if all(
+                    _head_mean_auc(r, ds, "head_only")
+                    > _head_mean_auc(r, ds, "lora_only")
+                    for ds in _head_datasets(r)
+                )
+                else "not always better"
+            ),
+        ),
+        Claim(
+            "(AUC 0.984 against 0.817)",
+            HEAD,
+            lambda r: (
+                f"{_head_mean_auc(r, 'bbc', 'head_only'):.3f} against "
+                f"{_head_mean_auc(r, 'bbc', 'lora_only'):.3f}"
+            ),
+        ),
+    ],
     "faq.md": [
         Claim(
             "DataInf's AUC is 0.979 ± 0.013 over 3 seeds",
@@ -1815,6 +1942,17 @@ PAGE_CLAIMS: Dict[str, List[Claim]] = {
 def check(text: str, res: Optional[Results] = None) -> List[str]:
     """Problems of a page: stale tables, unknown tables, figures not backed by a results file."""
     res = res or Results()
+    return stale_tables(text, res) + check_claims(text, CLAIMS, res)
+
+
+def check_page(name: str, text: str, res: Optional[Results] = None) -> List[str]:
+    """Problems of another page of `docs/`: its tables and its quoted figures."""
+    return stale_tables(text, res) + check_claims(text, PAGE_CLAIMS.get(name, []), res)
+
+
+def stale_tables(text: str, res: Optional[Results] = None) -> List[str]:
+    """The generated tables of a page that are stale or unknown."""
+    res = res or Results()
     problems = []
     for m in regions(text):
         name = _name(m)
@@ -1827,7 +1965,7 @@ def check(text: str, res: Optional[Results] = None) -> List[str]:
             problems.append(
                 f"table {name!r} differs from its results (run docs_tables.py --write)"
             )
-    return problems + check_claims(text, CLAIMS, res)
+    return problems
 
 
 def check_claims(
@@ -1868,15 +2006,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.show:
         print(render(args.show, res))
         return 0
-    text = args.page.read_text(encoding="utf-8")
-    if args.write:
-        new = update(text, res)
-        if new != text:
-            args.page.write_text(new, encoding="utf-8")
-            print(f"updated {args.page}")
-        else:
-            print(f"{args.page} is up to date")
-    problems = check(args.page.read_text(encoding="utf-8") if args.write else text, res)
+    pages = [(args.page, check)]
+    if args.page == PAGE:  # and the other pages that show tables
+        for name in sorted(set(TABLE_PAGES.values())):
+            pages.append(
+                (ROOT / "docs" / name, lambda t, r, name=name: check_page(name, t, r))
+            )
+    problems = []
+    for page, checker in pages:
+        text = page.read_text(encoding="utf-8")
+        if args.write:
+            new = update(text, res)
+            if new != text:
+                page.write_text(new, encoding="utf-8")
+                print(f"updated {page}")
+            else:
+                print(f"{page} is up to date")
+        problems += checker(page.read_text(encoding="utf-8"), res)
     for p in problems:
         print(p, file=sys.stderr)
     return 1 if problems else 0

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import formula
-from .blocks import BlockSpec, BlockStructure, build_blocks
+from .blocks import DEFAULT_SPEC, BlockSpec, BlockStructure, build_blocks
 from .config import RegularizationSpec, parse_bytes, validate_regularization
 from .dask_fit import fit_on_dask
 from .errors import (
@@ -106,8 +106,20 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             $\lambda_l = c \cdot \text{mean}_i \lVert g_{il}\rVert^2 / d_l$,
             a positive float for every block, or a dict with one value
             (float or `"auto"`) for every block name.
-        block_structure: see [build_blocks][pydvl_datainf.blocks.build_blocks];
-            default one block per leaf module with trainable parameters.
+        block_structure: a spec for
+            [build_blocks][pydvl_datainf.blocks.build_blocks] (`"paper"`,
+            `"module"`, `"lora"`, `"parameter"`, a pyDVL `BlockMode`, a
+            mapping `{block: [parameter names]}`) or a
+            [BlockStructure][pydvl_datainf.blocks.BlockStructure] it built.
+            Default `"paper"`: one block per LoRA matrix (`lora_A`, `lora_B`),
+            and one per leaf module for other trainable parameters.
+        include_head: for a LoRA model with other trainable parameters (e.g.
+            the classifier head that PEFT keeps in `modules_to_save`), with a
+            string `block_structure`: `None` keeps them as blocks of their own
+            and warns with a
+            [HeadBlocksWarning][pydvl_datainf.blocks.HeadBlocksWarning];
+            `True` keeps them silently; `False` leaves them out, so that the
+            blocks are the LoRA matrices only, as in the DataInf paper.
         regularization_scale: $c$ in the `"auto"` rule (0.1 in the paper).
         engine: per-sample gradient engine, a name (`"auto"`, `"func"`,
             `"loop"`, ...) or an instance of
@@ -165,8 +177,9 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         model: nn.Module,
         loss: LossFn,
         regularization: RegularizationSpec = "auto",
-        block_structure: BlockSpec = "module",
+        block_structure: BlockSpec = DEFAULT_SPEC,
         *,
+        include_head: Optional[bool] = None,
         regularization_scale: float = formula.DEFAULT_REGULARIZATION_SCALE,
         engine: Union[str, GradientEngine] = "auto",
         store: StoreSpec = "memory",
@@ -181,7 +194,9 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
     ):
         self.model = model
         self.loss = loss
-        self.blocks: BlockStructure = build_blocks(model, block_structure)
+        self.blocks: BlockStructure = build_blocks(
+            model, block_structure, include_head=include_head
+        )
         if not (regularization_scale > 0 and regularization_scale < float("inf")):
             raise RegularizationError(
                 f"regularization_scale must be positive, got {regularization_scale}"
@@ -865,7 +880,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             else ZarrGradientStore.open(store, storage_options)
         )
         recorded = zs.load_fit_state()
-        try:
+        try:  # the recorded mapping, whatever spec or default made it
             blocks = build_blocks(model, recorded.block_structure)
         except BlockStructureError as e:
             raise StoreMismatchError(
@@ -876,7 +891,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             model,
             loss,
             "auto",
-            recorded.block_structure,
+            blocks,
             regularization_scale=recorded.regularization_scale,
             engine=engine,
             progress=progress,
