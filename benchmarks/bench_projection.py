@@ -40,10 +40,11 @@ from torch import nn
 
 try:
     from pydvl_datainf.gradients import HookGradientEngine
+    from pydvl_datainf.projection import Projection, dense_spec, kronecker_spec
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from pydvl_datainf.gradients import HookGradientEngine
-from pydvl_datainf.projection import Projection, dense_spec, kronecker_spec
+    from pydvl_datainf.projection import Projection, dense_spec, kronecker_spec
 
 from common import LoRALinear, machine  # noqa: E402  (on sys.path)
 
