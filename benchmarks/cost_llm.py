@@ -10,8 +10,13 @@ Every figure in the output is labelled:
 * **architecture**: counted from the model's published configuration;
 * **published**: a vendor's or a paper's figure, with its source;
 * **measured**: read from a results file of this repository (CPU runs of
-  `bench_projection.py`, `bench_index.py`, `bench_engine`'s GEMM);
+  `bench_projection.py`, `bench_index.py`);
+* **computed**: a ratio of measured figures;
 * **estimated**: computed here from the above; the formula is in the code.
+  `fit` on 8 GPUs assumes linear scaling (each GPU computes the per-sample
+  gradients of its own rows; only the norms and lambda are combined), and a
+  test gradient is costed at the same utilisation as `fit` (test sequences
+  in batches).
 
 The check against measurements: the same FLOP formulas are applied to the CPU
 model of `bench_projection.py`, and the ratio of the projection's cost to the
@@ -34,7 +39,6 @@ from typing import Any, Dict, List, Tuple
 RESULTS = Path(__file__).resolve().parent / "results"
 PROJECTION = "index/projection-lora.json"
 INDEX = "index/index-1m.json"
-GEMM = "gemm_cpu.json"
 
 # --- architecture: Meta-Llama-3-8B config.json (Meta, 2024) ------------------
 LLAMA3_8B = {
@@ -81,9 +85,14 @@ def trainable() -> int:
     return int(LLAMA3_8B["layers"] * sum(a * b for a, b in lora_shapes()))
 
 
+def sides(d_out: int, d_in: int, side: int) -> Tuple[int, int]:
+    """(k_out, k_in): the rank side kept, the wide side projected to `side`."""
+    return (d_out if d_out <= RANK else side, d_in if d_in <= RANK else side)
+
+
 def projected_width(side: int) -> int:
-    """Numbers per sample: per block min(side, d) on each side."""
-    per_layer = sum(min(side, a) * min(side, b) for a, b in lora_shapes())
+    """Numbers per sample: k_out k_in per block (8 x side)."""
+    per_layer = sum(math.prod(sides(a, b, side)) for a, b in lora_shapes())
     return int(LLAMA3_8B["layers"] * per_layer)
 
 
@@ -100,12 +109,12 @@ def projection_flops_per_token(side: int, tokens: int = TOKENS) -> float:
     multiply-adds; the formula of bench_projection.projection_flops."""
     total = 0.0
     for d_out, d_in in lora_shapes():
-        k_out, k_in = min(side, d_out), min(side, d_in)
-        sides = (d_out * k_out if k_out < d_out else 0) + (
+        k_out, k_in = sides(d_out, d_in, side)
+        projected = (d_out * k_out if k_out < d_out else 0) + (
             d_in * k_in if k_in < d_in else 0
         )
         norms = min(tokens * (d_out + d_in), d_out * d_in)  # per token
-        total += sides + k_out * k_in + norms
+        total += projected + k_out * k_in + norms
     return 2 * total * LLAMA3_8B["layers"]
 
 
@@ -119,7 +128,6 @@ def load(name: str) -> Any:
 def measured() -> Dict[str, Any]:
     proj = load(PROJECTION)
     index = load(INDEX)
-    gemm = load(GEMM)["gemm"]
     flat = [
         r
         for r in index["runs"]
@@ -130,27 +138,26 @@ def measured() -> Dict[str, Any]:
     observed = proj["cpu_ratio_to_floor"]["projected"] - 1
     return {
         "cpu_projection_overhead": {
+            "kind": "measured",
             "value": observed,
             "file": PROJECTION,
             "what": "projected per-sample gradients / plain forward+backward - 1, "
             f"CPU time, {proj['model']}",
         },
         "cpu_projection_overhead_from_flops": {
+            "kind": "computed",
             "value": predicted,
             "file": PROJECTION,
             "what": "the same, predicted from the FLOP formulas",
         },
         "projection_inefficiency": {
+            "kind": "computed",
             "value": observed / predicted,
             "file": PROJECTION,
             "what": "measured overhead / overhead predicted from FLOPs",
         },
-        "cpu_gemm_gflops": {
-            "value": gemm["gflops"],
-            "file": GEMM,
-            "what": "GEMM throughput of this CPU (2 threads)",
-        },
         "cpu_flat_search_s_per_query_row_dim": {
+            "kind": "measured",
             "value": flat["batched_per_query_cpu_s"] / (index["n"] * flat["dim"]),
             "file": INDEX,
             "what": f"exact top-{index['k']} over {index['n']:,} x {flat['dim']} "

@@ -32,7 +32,8 @@ def page() -> str:
 
 def test_every_table_is_generated_and_fresh(page: str) -> None:
     found = [docs_tables._name(m) for m in docs_tables.regions(page)]
-    assert sorted(found) == sorted([*docs_tables.TABLES, "peers"]), (
+    elsewhere = {t for ts in docs_tables.OTHER_PAGES.values() for t in ts}
+    assert sorted(found) == sorted([*set(docs_tables.TABLES) - elsewhere, "peers"]), (
         "every table of docs_tables.TABLES (and the peers table) appears once in the page"
     )
     for m in docs_tables.regions(page):
@@ -40,6 +41,15 @@ def test_every_table_is_generated_and_fresh(page: str) -> None:
         assert m.group("body").rstrip("\n") == docs_tables.render(name), (
             f"table {name!r} is stale: run python benchmarks/docs_tables.py --write"
         )
+
+
+@pytest.mark.parametrize("name", sorted(docs_tables.OTHER_PAGES))
+def test_tables_of_other_pages_are_generated_and_fresh(name: str) -> None:
+    text = (docs_tables.ROOT / "docs" / name).read_text(encoding="utf-8")
+    found = [docs_tables._name(m) for m in docs_tables.regions(text)]
+    assert sorted(found) == sorted(docs_tables.OTHER_PAGES[name])
+    claims = docs_tables.PAGE_CLAIMS.get(name, [])
+    assert docs_tables.check(text, claims=claims) == []
 
 
 def test_quoted_figures_come_from_results(page: str) -> None:
