@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import LoRALinear
+from pydvl_datainf.compressed import apply_compressed
+from pydvl_datainf.formula import auto_regularization
 from pydvl_datainf.gradients import HookGradientEngine, LoopGradientEngine
 from pydvl_datainf.gradients.rules import (
     get_token_factor_rule,
@@ -19,8 +21,13 @@ from pydvl_datainf.gradients.rules import (
     linear_token_factors,
     register_rule,
 )
-from pydvl_datainf.projection import Projection, dense_spec, kronecker_spec
-from reference import per_sample_grads, rel_err
+from pydvl_datainf.projection import (
+    Projection,
+    block_specs,
+    dense_spec,
+    kronecker_spec,
+)
+from reference import DenseDataInf, per_sample_grads, rel_err
 
 F64 = "float64"
 
@@ -185,3 +192,83 @@ def test_the_linear_token_factors_give_the_per_sample_weight_gradient():
     dense = linear_rule(lin, (a,), g, names=["weight"])["weight"]
     assert rel_err(left.transpose(1, 2) @ right, dense) < 1e-12
     assert linear_token_factors(lin, (a[:4],), g) is None  # batch sizes differ
+
+
+# ------------------------------------------------------------------ whole blocks
+
+
+class TokenMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.net(x).mean(1)
+
+
+def block_rows(engine, model, loss, x, y, params, blocks, projections):
+    """Projected rows and exact squared norms per block, from per-parameter parts."""
+    per_param = {
+        p: projections[b].parts[i]
+        for b, names in blocks.items()
+        for i, p in enumerate(names)
+    }
+    out = engine.per_sample_grads_projected(model, loss, x, y, params, per_param)
+    return {
+        b: (
+            torch.cat([out[p].dense() for p in names], dim=1),
+            sum(out[p].squared_norms for p in names),
+        )
+        for b, names in blocks.items()
+    }
+
+
+def block_case():
+    torch.manual_seed(3)
+    model = TokenMLP().double().eval()
+    x = torch.randn(30, 5, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,))
+    params = dict(model.named_parameters())
+    blocks = {
+        "net.0": ["net.0.weight", "net.0.bias"],
+        "net.2": ["net.2.weight", "net.2.bias"],
+    }
+    return model, F.cross_entropy, x, y, params, blocks
+
+
+def test_block_projections_match_the_explicit_block_matrix():
+    model, loss, x, y, params, blocks = block_case()
+    shapes = {b: [tuple(params[p].shape) for p in names] for b, names in blocks.items()}
+    specs = block_specs(shapes, side=2, dense_k=2, seed=1, dtype=F64)
+    projections = {b: Projection(s) for b, s in specs.items()}
+    got = block_rows(
+        HookGradientEngine(), model, loss, x, y, params, blocks, projections
+    )
+    dense = per_sample_grads(model, loss, x, y, blocks)
+    for b in blocks:
+        rows, norms = got[b]
+        assert rows.shape == (30, specs[b].k)
+        assert rel_err(rows, dense[b] @ projections[b].matrix().T) < 1e-8
+        assert rel_err(norms, dense[b].square().sum(1)) < 1e-8
+
+
+def test_orthogonal_block_projections_give_the_reference_scores():
+    """The whole path (projected rows from the engine, exact norms and lambda,
+    DataInf in projected space) against the independent reference."""
+    model, loss, x, y, params, blocks = block_case()
+    x_train, y_train, x_test, y_test = x[:24], y[:24], x[24:], y[24:]
+    shapes = {b: [tuple(params[p].shape) for p in names] for b, names in blocks.items()}
+    specs = block_specs(shapes, side=8, kind="orthogonal", seed=2, dtype=F64)
+    projections = {b: Projection(s) for b, s in specs.items()}
+    engine = HookGradientEngine()
+    train = block_rows(
+        engine, model, loss, x_train, y_train, params, blocks, projections
+    )
+    test = block_rows(engine, model, loss, x_test, y_test, params, blocks, projections)
+    scores = 0
+    for b, (rows, norms) in train.items():
+        d = sum(params[p].numel() for p in blocks[b])
+        lam = auto_regularization(float(norms.sum()), len(rows), d)
+        scores = scores + apply_compressed(test[b][0], rows, norms, lam) @ rows.T
+    ref = DenseDataInf(model, loss, x_train, y_train, blocks)
+    assert rel_err(scores, ref.influences(x_test, y_test, x_train, y_train)) < 1e-8

@@ -20,6 +20,8 @@ from pydvl_datainf.projection import (
     Projection,
     ProjectionMismatchError,
     ProjectionSpec,
+    block_spec,
+    block_specs,
     concat_spec,
     dense_spec,
     derive_seed,
@@ -278,3 +280,22 @@ def test_the_projection_is_applied_in_its_dtype():
         Projection(dense_spec(12, 3, seed=0)).apply(torch.randn(2, 12)).dtype
         == torch.float32
     )
+
+
+def test_block_specs_have_one_part_per_parameter():
+    s = block_spec([(8, 4096), (4096, 8), (100,), (300,)], side=16, dense_k=256)
+    assert [p.kind for p in s.parts] == [
+        "kronecker",
+        "kronecker",
+        "identity",
+        "gaussian",
+    ]
+    assert [p.dim for p in s.parts] == [8 * 4096, 4096 * 8, 100, 300]
+    assert [p.k for p in s.parts] == [8 * 16, 16 * 8, 100, 256]
+    specs = block_specs({"a": [(4, 4)], "b": [(4, 4)]}, side=2)
+    assert specs["a"].parts[0].parts[0].seed != specs["b"].parts[0].parts[0].seed
+    one = Projection(block_spec([(3, 4)], side=2, dtype=F64))
+    g = FactoredGrads(torch.randn(5, 3).double(), torch.randn(5, 4).double())
+    projected = one.apply_rows(g)
+    assert isinstance(projected, FactoredGrads)
+    assert rel_err(projected.dense(), g.dense() @ one.matrix().T) < 1e-12

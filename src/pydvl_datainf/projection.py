@@ -82,6 +82,8 @@ __all__ = [
     "dense_spec",
     "kronecker_spec",
     "concat_spec",
+    "block_spec",
+    "block_specs",
     "derive_seed",
     "project_rows",
 ]
@@ -414,6 +416,88 @@ def concat_spec(parts: Sequence[ProjectionSpec]) -> ProjectionSpec:
     )
 
 
+def block_spec(
+    shapes: Sequence[Sequence[int]],
+    side: int = 16,
+    dense_k: int = 256,
+    kind: str = "gaussian",
+    seed: int = 0,
+    dtype: str = "float32",
+    seal: bool = True,
+) -> ProjectionSpec:
+    r"""The projection of one block made of parameters of the given shapes.
+
+    Always a `"concat"` with one part per parameter, in order (the block's
+    rows are its parameters' rows side by side), so that
+    `Projection(spec).parts[i]` projects the block's $i$-th parameter (what
+    [per_sample_grads_projected][pydvl_datainf.gradients.engine.GradientEngine.per_sample_grads_projected]
+    takes):
+
+    * a matrix $(d_{out}, d_{in})$ (a linear layer's weight):
+      [kronecker_spec][pydvl_datainf.projection.kronecker_spec] with `side`
+      on each side (a side of at most `side` is kept, as the rank side of a
+      LoRA matrix);
+    * anything else (a bias, a norm's scale): a dense projection to `dense_k`,
+      or the identity if it has at most `dense_k` entries.
+
+    Args:
+        shapes: the parameters' shapes, in the block's order.
+        side: $k_{out} = k_{in}$ for matrices.
+        dense_k: $k$ for the other parameters.
+        kind: the random kind (`"gaussian"` or `"rademacher"`; `"orthogonal"`
+            keeps every dimension).
+        seed: the block's seed; each parameter gets a derived one.
+        dtype: the dtype in which it is applied.
+        seal: record the digests.
+
+    Example:
+        >>> s = block_spec([(8, 4096), (4096, 8)], side=16)  # LoRA A and B, r = 8
+        >>> [p.k for p in s.parts], s.k
+        ([128, 128], 256)
+        >>> block_spec([(64, 32), (64,)], side=8, dense_k=16).shape  # weight, bias
+        (64, 32, 64)
+    """
+    parts = []
+    for i, shape in enumerate(shapes):
+        part_seed = derive_seed(seed, "parameter", i)
+        if len(shape) == 2:
+            parts.append(
+                kronecker_spec(shape, (side, side), kind, part_seed, dtype, seal)
+            )
+        else:
+            d = math.prod(shape)
+            if kind == "orthogonal":
+                k, leaf = d, "orthogonal"
+            elif d <= dense_k:
+                k, leaf = d, "identity"
+            else:
+                k, leaf = dense_k, kind
+            parts.append(dense_spec(d, k, leaf, part_seed, dtype, seal))
+    return concat_spec(parts)
+
+
+def block_specs(
+    blocks: Mapping[str, Sequence[Sequence[int]]],
+    side: int = 16,
+    dense_k: int = 256,
+    kind: str = "gaussian",
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Dict[str, ProjectionSpec]:
+    """[block_spec][pydvl_datainf.projection.block_spec] for every block, each
+    with a seed derived from `seed` and the block's name.
+
+    Example:
+        >>> specs = block_specs({"l1": [(8, 64)], "l2": [(3, 8), (3,)]}, side=4)
+        >>> {name: s.k for name, s in specs.items()}
+        {'l1': 16, 'l2': 15}
+    """
+    return {
+        name: block_spec(shapes, side, dense_k, kind, derive_seed(seed, name), dtype)
+        for name, shapes in blocks.items()
+    }
+
+
 # ------------------------------------------------------------------ application
 @dataclass(frozen=True)
 class ProjectedGrads:
@@ -570,6 +654,13 @@ class Projection:
         p, q = rows.left.shape[1], rows.right.shape[1]
         if self.spec.kind == "kronecker" and rows.tail is None:
             kron, tail = self, None
+        elif (
+            self.spec.kind == "concat"
+            and len(self.parts) == 1
+            and self.parts[0].spec.kind == "kronecker"
+            and rows.tail is None
+        ):
+            kron, tail = self.parts[0], None
         elif (
             self.spec.kind == "concat"
             and len(self.parts) == 2
