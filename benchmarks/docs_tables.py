@@ -979,7 +979,8 @@ def _head_blocks(res: Results) -> str:
 
 
 TABLE_PAGES: Dict[str, str] = {"head-blocks": "own-models.md"}
-"""Tables shown on another page of `docs/` than the benchmarks page: `{table: page}`."""
+"""Tables shown on another page of `docs/` than the benchmarks page:
+`{table: page}` (more entries are added below, next to their tables)."""
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -1709,6 +1710,260 @@ CLAIMS: List[Claim] = [
 ]
 
 
+# --- the tables of the "Scaling to LLMs" page (docs/scaling-llms.md) ----------
+
+TABLE_PAGES.update(
+    dict.fromkeys(
+        [
+            "jl-measured",
+            "jl-dimension",
+            "token-projection",
+            "mips-index",
+            "llm-cost",
+            "llm-cost-inputs",
+        ],
+        "scaling-llms.md",
+    )
+)
+JL = "index/jl.json"
+JL_COMMAND = "python benchmarks/bench_jl.py --out benchmarks/results/index/jl.json"
+INDEX_1M = "index/index-1m.json"
+INDEX_COMMAND = (
+    "python benchmarks/bench_index.py --out benchmarks/results/index/index-1m.json"
+)
+PROJ = {
+    "index/projection-lora.json": "python benchmarks/bench_projection.py --threads 1 "
+    "--out benchmarks/results/index/projection-lora.json",
+    "index/projection-full.json": "python benchmarks/bench_projection.py --threads 1 "
+    "--full --out benchmarks/results/index/projection-full.json",
+}
+LLM_COST = "index/llm-cost.json"
+LLM_COST_COMMAND = (
+    "python benchmarks/cost_llm.py --out benchmarks/results/index/llm-cost.json"
+)
+
+
+def _ms(v: float) -> str:
+    return f"{1000 * v:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _duration(v: float) -> str:
+    if v < 120:
+        return f"{v:.1f} s"
+    if v < 7200:
+        return f"{v / 60:.1f} min"
+    return f"{v / 3600:.1f} h"
+
+
+@register("jl-measured")
+def _jl_measured(res: Results) -> str:
+    r = res.json(JL)
+    rows = [
+        [
+            str(x["k"]),
+            x["kind"],
+            f"{x['median_error']:.3f}",
+            f"{x['p99_error']:.3f}",
+            f"{x['max_error']:.3f}",
+            "—" if x["bound_epsilon"] is None else f"{x['bound_epsilon']:.3f}",
+        ]
+        for x in r["measured"]
+    ]
+    return "\n\n".join(
+        [
+            f"Relative inner-product error $|Pu\\cdot Pv - u\\cdot v| / "
+            f"(\\lVert u\\rVert\\lVert v\\rVert)$ over {r['pairs']:,} pairs in "
+            f"dimension {r['dim']:,}; the bound's $\\varepsilon$ for the same $k$, "
+            f"{r['pairs']:,} pairs and $\\delta = {r['delta']}$ (— where it gives "
+            "none below 1, and for the Kronecker kind, which it does not cover).",
+            table(
+                ["k", "projection", "median", "99th percentile", "largest", "bound ε"],
+                rows,
+                "rlrrrr",
+            ),
+            source(JL, command=JL_COMMAND),
+        ]
+    )
+
+
+@register("jl-dimension")
+def _jl_dimension(res: Results) -> str:
+    r = res.json(JL)
+    pairs = sorted({x["pairs"] for x in r["dimension_table"]})
+    eps = sorted({x["epsilon"] for x in r["dimension_table"]})
+    k = {(x["epsilon"], x["pairs"]): x["k"] for x in r["dimension_table"]}
+    rows = [[f"{e:g}"] + [f"{k[e, m]:,}" for m in pairs] for e in eps]
+    return "\n\n".join(
+        [
+            table(
+                ["ε"] + [f"{m:,} pair{'s' if m != 1 else ''}" for m in pairs],
+                rows,
+                "l" + "r" * len(pairs),
+            ),
+            source(JL, command=JL_COMMAND),
+        ]
+    )
+
+
+@register("token-projection")
+def _token_projection(res: Results) -> str:
+    rows = []
+    stored = [n for n in PROJ if res.exists(n)]
+    for name in stored:
+        r = res.json(name)
+        cpu = r["cpu_seconds"]
+        rows.append(
+            [
+                r["model"],
+                f"{r['trainable_parameters']:,} → {r['projected_floats_per_sample']:,}",
+                f"{cpu['floor']:.2f} s",
+                f"{cpu['dense']:.2f} s ({ratio(r['cpu_ratio_to_floor']['dense'])})",
+                f"{cpu['projected']:.2f} s ({ratio(r['cpu_ratio_to_floor']['projected'])})",
+            ]
+        )
+    if not rows:
+        name, command = next(iter(PROJ.items()))
+        return not_stored(name, command, "the cost of projected per-sample gradients")
+    r0 = res.json(stored[0])
+    return "\n\n".join(
+        [
+            f"{r0['samples']} samples, one thread, CPU time (the machine was shared); "
+            "in brackets: the ratio to the plain forward+backward.",
+            table(
+                [
+                    "model",
+                    "numbers per sample",
+                    "plain forward+backward",
+                    "dense per-sample gradients",
+                    "projected, from per-token factors",
+                ],
+                rows,
+                "lrrrr",
+            ),
+            source(*stored, command="; ".join(PROJ[n] for n in stored)),
+        ]
+    )
+
+
+@register("mips-index")
+def _mips_index(res: Results) -> str:
+    if not res.exists(INDEX_1M):
+        return not_stored(INDEX_1M, INDEX_COMMAND, "the index over 1,000,000 rows")
+    r = res.json(INDEX_1M)
+    k = r["k"]
+    rows = []
+    for x in r["runs"]:
+        name = x["index"] + (f", nprobe {x['nprobe']}" if x["nprobe"] else "")
+        rows.append(
+            [
+                str(x["dim"]),
+                name,
+                f"{x['bytes_per_row']:,} B",
+                f"{x['build_s']:.0f} s",
+                f"{x[f'recall_at_{k}']:.3f}",
+                _ms(x["single_query_cpu_s"]),
+                _ms(x["batched_per_query_cpu_s"]),
+            ]
+        )
+    load = max(x["load_average"] for x in r["runs"])
+    return "\n\n".join(
+        [
+            f"{r['n']:,} rows, {r['queries']} queries, top-{k}, faiss {r['faiss']}. "
+            f"Rows: {r['data']}. Latency per query on one thread, as CPU time "
+            f"(the machine was shared: load average up to {load:.0f} on "
+            f"{r['machine']['threads']} cores, so wall times were longer); build "
+            f"on {r['runs'][0]['build_threads']} threads.",
+            table(
+                [
+                    "dimension",
+                    "index",
+                    "memory per row",
+                    "build",
+                    f"recall@{k}",
+                    "one query alone",
+                    f"in a batch of {r['queries']}",
+                ],
+                rows,
+                "rlrrrrr",
+            ),
+            source(INDEX_1M, command=INDEX_COMMAND),
+        ]
+    )
+
+
+@register("llm-cost")
+def _llm_cost(res: Results) -> str:
+    r = res.json(LLM_COST)
+    a = r["architecture"]
+    rows = [
+        [
+            f"{x['side']}",
+            f"{x['projected_floats_per_sample']:,}",
+            f"{x['compression']:,.0f}×",
+            f"{x['store_float16_gb']:.2f} GB",
+            _duration(x["fit_1gpu_s"]),
+            _duration(x["fit_8gpu_s"]),
+            f"{100 * x['fit_overhead_fraction']:.2f} %",
+            _ms(x["test_gradient_per_sequence_s"]),
+            _ms(x["scores_per_query_batch_gpu_s"]),
+            _ms(x["scores_per_query_cpu_s"]),
+        ]
+        for x in r["estimated"]
+    ]
+    e0 = r["estimated"][0]
+    return "\n\n".join(
+        [
+            f"{r['job']}: {a['trainable']:,} trainable parameters in {a['blocks']} "
+            f"blocks; the dense float32 store would hold "
+            f"{a['dense_store_float32_gb']:,.0f} GB, and one pass over it from a disk "
+            f"reading {r['published']['nvme_read_gb_s']['value']:g} GB/s takes "
+            f"{_duration(e0['dense_store_pass_s'])}. All figures below are "
+            "**estimated**.",
+            table(
+                [
+                    "side",
+                    "numbers per sample",
+                    "compression",
+                    "store (float16)",
+                    "`fit`, 1 H100",
+                    "`fit`, 8 H100",
+                    "projection's share of `fit`",
+                    "test gradient, per sequence (1 H100)",
+                    "scores of a batch of queries, 1 H100",
+                    "scores of one query, exact, one CPU thread",
+                ],
+                rows,
+                "rrrrrrrrrr",
+            ),
+            source(LLM_COST, command=LLM_COST_COMMAND),
+        ]
+    )
+
+
+@register("llm-cost-inputs")
+def _llm_cost_inputs(res: Results) -> str:
+    r = res.json(LLM_COST)
+    rows = [
+        [
+            m["kind"],
+            m["what"],
+            f"{m['value']:.3g}",
+            f"`benchmarks/results/{m['file']}`",
+        ]
+        for m in r["measured"].values()
+    ]
+    rows += [
+        ["published", p["source"], f"{p['value']:g}", "—"]
+        for p in r["published"].values()
+    ]
+    return "\n\n".join(
+        [
+            table(["kind", "figure", "value", "file"], rows, "llrl"),
+            source(LLM_COST, command=LLM_COST_COMMAND),
+        ]
+    )
+
+
 # --- the page ------------------------------------------------------------------
 
 
@@ -1939,15 +2194,28 @@ PAGE_CLAIMS: Dict[str, List[Claim]] = {
 """Figures quoted in other pages of `docs/`, by page: checked by the tests."""
 
 
-def check(text: str, res: Optional[Results] = None) -> List[str]:
-    """Problems of a page: stale tables, unknown tables, figures not backed by a results file."""
+def other_pages() -> List[str]:
+    """The pages of `docs/` other than the benchmarks page with generated
+    tables or quoted figures."""
+    return sorted(set(TABLE_PAGES.values()) | set(PAGE_CLAIMS))
+
+
+def check(
+    text: str,
+    res: Optional[Results] = None,
+    claims: Optional[Sequence[Claim]] = None,
+) -> List[str]:
+    """Problems of a page: stale tables, unknown tables, figures not backed by a
+    results file (`claims`: the page's quoted figures, default `CLAIMS`)."""
     res = res or Results()
-    return stale_tables(text, res) + check_claims(text, CLAIMS, res)
+    return stale_tables(text, res) + check_claims(
+        text, CLAIMS if claims is None else claims, res
+    )
 
 
 def check_page(name: str, text: str, res: Optional[Results] = None) -> List[str]:
     """Problems of another page of `docs/`: its tables and its quoted figures."""
-    return stale_tables(text, res) + check_claims(text, PAGE_CLAIMS.get(name, []), res)
+    return check(text, res, PAGE_CLAIMS.get(name, []))
 
 
 def stale_tables(text: str, res: Optional[Results] = None) -> List[str]:
@@ -1999,21 +2267,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--check", action="store_true", help="exit 1 if the page is stale"
     )
     mode.add_argument("--show", metavar="NAME", help="print one table")
-    ap.add_argument("--page", type=Path, default=PAGE)
+    ap.add_argument("--page", type=Path, help="one page (default: all pages)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     res = Results(args.results)
     if args.show:
         print(render(args.show, res))
         return 0
-    pages = [(args.page, check)]
-    if args.page == PAGE:  # and the other pages that show tables
-        for name in sorted(set(TABLE_PAGES.values())):
-            pages.append(
-                (ROOT / "docs" / name, lambda t, r, name=name: check_page(name, t, r))
-            )
+    pages = (
+        [args.page]
+        if args.page
+        else [PAGE, *(ROOT / "docs" / p for p in other_pages())]
+    )
     problems = []
-    for page, checker in pages:
+    for page in pages:
         text = page.read_text(encoding="utf-8")
         if args.write:
             new = update(text, res)
@@ -2022,7 +2289,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"updated {page}")
             else:
                 print(f"{page} is up to date")
-        problems += checker(page.read_text(encoding="utf-8"), res)
+            text = new
+        claims = None if page.name == PAGE.name else PAGE_CLAIMS.get(page.name, [])
+        problems += [f"{page.name}: {p}" for p in check(text, res, claims)]
     for p in problems:
         print(p, file=sys.stderr)
     return 1 if problems else 0

@@ -29,6 +29,9 @@ LAYERS: Dict[str, int] = {
     "config": 1,
     "fingerprint": 1,
     "rows": 1,
+    "projection": 1,
+    "jl": 1,
+    "compressed": 1,
     # 2. per-sample gradients and storage
     "gradients": 2,
     "storage": 2,
