@@ -29,6 +29,7 @@ LAYERS: Dict[str, int] = {
     "config": 1,
     "fingerprint": 1,
     "rows": 1,
+    "batches": 1,
     # 2. per-sample gradients and storage
     "gradients": 2,
     "storage": 2,
@@ -45,6 +46,9 @@ LAYERS: Dict[str, int] = {
     # 6. integrations
     "hf": 6,
     "diffusion": 6,
+    "dataset_influence": 6,
+    "trainer": 6,
+    "cli": 6,
     # the package's public namespace re-exports from every layer
     "": 7,
 }

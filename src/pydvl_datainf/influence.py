@@ -26,6 +26,7 @@ import os
 from collections import OrderedDict
 from typing import (
     Any,
+    Callable,
     Dict,
     List,
     Mapping,
@@ -42,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import formula
+from .batches import DatasetBatches, adapter_for
 from .blocks import BlockSpec, BlockStructure, build_blocks
 from .config import RegularizationSpec, parse_bytes, validate_regularization
 from .errors import (
@@ -294,6 +296,11 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
     def store(self) -> Optional[GradientStore]:
         """The training gradients (`None` before fit)."""
         return None if self._fitted is None else self._fitted.store
+
+    @property
+    def metadata(self) -> Dict[str, Any]:
+        """The metadata recorded by `fit` (`{}` before fit or if none)."""
+        return {} if self._fitted is None else dict(self._fitted.metadata)
 
     @property
     def n_train(self) -> int:
@@ -677,14 +684,33 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         if isinstance(store, ZarrGradientStore) and store.path == self.store_path:
             self._owned_store = (store.path, store.store_id)
 
-    def fit(self, data: DataLoader) -> DataInfInfluence:
+    def fit(
+        self,
+        data: DataLoader,
+        *,
+        collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+        batch_size: int = 8,
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> DataInfInfluence:
         """One pass over `data`: cache gradients, squared norms and $\\lambda_l$.
 
         Training rows are numbered in the order of this pass (a shuffling
         loader gives a random order; prefer `shuffle=False`).
 
         Args:
-            data: an iterable of `(x, y)` batches, e.g. a torch DataLoader.
+            data: an iterable of `(x, y)` batches, e.g. a torch DataLoader; or,
+                with `collate_fn`, a map-style dataset (e.g. a tokenized
+                `datasets.Dataset`), read in order: row `i` is dataset row `i`.
+            collate_fn: makes a batch of dataset rows (e.g. a Hugging Face data
+                collator); the model's `batch_adapter`, if it has one, turns
+                the batch into `(x, y)` (see
+                [DatasetBatches][pydvl_datainf.batches.DatasetBatches]).
+            batch_size: rows per batch with `collate_fn` (scores do not depend
+                on it).
+            metadata: JSON-serialisable facts to record with the fit (and in a
+                Zarr store); read back by
+                [metadata][pydvl_datainf.influence.DataInfInfluence.metadata],
+                also after `from_store`.
 
         Returns:
             This instance, fitted.
@@ -694,7 +720,32 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             NonFiniteGradientError: a gradient is NaN or inf (names the samples).
             RegularizationError: an `"auto"` $\\lambda_l$ is zero, or a value
                 is out of range for the compute dtype.
+            TypeError: `metadata` that JSON cannot hold.
+
+        Example:
+            ```python
+            import torch
+            from torch.utils.data import TensorDataset
+            from pydvl_datainf import DataInfInfluence
+
+            model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+            dataset = TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,)))
+            infl = DataInfInfluence(model, loss, progress=False).fit(
+                dataset, collate_fn=torch.utils.data.default_collate,
+                metadata={"data": "random"})
+            assert infl.n_train == 20 and infl.metadata == {"data": "random"}
+            ```
         """
+        if collate_fn is not None:
+            data = cast(
+                DataLoader,
+                DatasetBatches(
+                    data,
+                    collate_fn,
+                    batch_size=batch_size,
+                    adapter=adapter_for(self.model),
+                ),
+            )
         with self._lock:
             self._set_state(None)
             store = self._new_store(data)
@@ -707,6 +758,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                     regularization_scale=self.regularization_scale,
                     factorize=self.factorize,
                     progress=self.progress,
+                    metadata=metadata,
                 )
             except BaseException:
                 self._remember_store(store)  # an interrupted fit may be redone
