@@ -6,15 +6,10 @@ collator, its device and its training dataset, and with the loss on exactly
 the tokens the trainer trained on (the collator's labels, where `-100` marks
 padding and, in completion-only training, the prompt). It returns a
 [DatasetInfluence][pydvl_datainf.dataset_influence.DatasetInfluence], whose
-queries give ranked tables of training rows with their text:
-
-```python
-from pydvl_datainf.trainer import fit_from_trainer   # added line 1
-
-trainer.train()
-influence = fit_from_trainer(trainer)                # added line 2
-print(influence.top_k(k=5))                          # added line 3: per eval row
-```
+queries give ranked tables of training rows with their text. Three lines
+in a training script: the import, `influence = fit_from_trainer(trainer)`
+after `trainer.train()`, and a query such as `influence.top_k(k=5)` (the
+most helpful training rows of every row of the trainer's evaluation set).
 
 [DataInfCallback][pydvl_datainf.trainer.DataInfCallback] does the same at the
 end of `trainer.train()`.
