@@ -220,3 +220,52 @@ def test_console_script_entry_point():
     scripts = config["options.entry_points"]["console_scripts"].strip().splitlines()
     assert "pydvl-datainf = pydvl_datainf.cli:main" in [s.strip() for s in scripts]
     assert callable(cli.main)
+
+
+def test_a_classifier(tmp_path):
+    """`--task sequence-classification` on a CSV of texts and labels, with a
+    LoRA adapter: the scores of a fit on packed inputs made here, without the
+    command line."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from pydvl_datainf import DataInfInfluence, self_influence
+    from pydvl_datainf.hf import SequenceClassifierWrapper, pack_inputs
+
+    tok = tiny_hf.tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=8, num_hidden_layers=1,
+        num_attention_heads=1, intermediate_size=16, num_labels=2,
+    )  # fmt: skip
+    base = BertForSequenceClassification(config)
+    base.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    lora = LoraConfig(
+        task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
+        init_lora_weights=False,  # random B: gradients without training
+    )  # fmt: skip
+    model = get_peft_model(base, lora)
+    model.save_pretrained(tmp_path / "adapter")
+    texts = ["good film", "bad plot", "very good", "very bad film", "good plot"]
+    labels = [1, 0, 1, 0, 1]
+    frame = pd.DataFrame({"text": texts, "label": labels})
+    frame.to_csv(tmp_path / "clf.csv", index=False)
+    args = ["self-influence", "--model", "clf", "--adapter", "adapter", "--task",
+            "sequence-classification", "--text-column", "text", "--data", "clf.csv",
+            "--output", "clf.jsonl", "--show", "0", "--no-progress"]  # fmt: skip
+    assert run(args, tmp_path) == 0
+    table = pd.read_json(tmp_path / "clf.jsonl", lines=True)
+    assert sorted(table["text"]) == sorted(texts)
+
+    enc = tok(texts, padding=True, return_tensors="pt")
+    x = pack_inputs(enc["input_ids"], enc["attention_mask"])
+    data = DataLoader(TensorDataset(x, torch.tensor(labels)), batch_size=2)
+    infl = DataInfInfluence(
+        SequenceClassifierWrapper(model), torch.nn.functional.cross_entropy,
+        progress=False,
+    ).fit(data)  # fmt: skip
+    ref = self_influence(infl, progress=False)
+    got = torch.tensor(table.sort_values("row")["score"].to_numpy())
+    assert rel_err(got, ref) < 1e-4

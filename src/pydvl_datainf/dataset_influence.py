@@ -174,7 +174,7 @@ class DatasetInfluence:
         train = self.batches(dataset)
         recorded = dict(metadata or {})
         recorded.setdefault(ROWS_KEY, self._rows_metadata(train))
-        self.influence.fit(train, metadata=recorded)  # type: ignore[arg-type]
+        self.influence.fit(train, metadata=recorded)
         self.train = train
         return self
 

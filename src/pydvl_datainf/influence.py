@@ -28,6 +28,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    Iterable,
     List,
     Mapping,
     Optional,
@@ -686,7 +687,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
     def fit(
         self,
-        data: DataLoader,
+        data: Union[DataLoader, Iterable[Tuple[torch.Tensor, torch.Tensor]], Any],
         *,
         collate_fn: Optional[Callable[[List[Any]], Any]] = None,
         batch_size: int = 8,
@@ -737,14 +738,8 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             ```
         """
         if collate_fn is not None:
-            data = cast(
-                DataLoader,
-                DatasetBatches(
-                    data,
-                    collate_fn,
-                    batch_size=batch_size,
-                    adapter=adapter_for(self.model),
-                ),
+            data = DatasetBatches(
+                data, collate_fn, batch_size=batch_size, adapter=adapter_for(self.model)
             )
         with self._lock:
             self._set_state(None)
