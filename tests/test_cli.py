@@ -144,6 +144,14 @@ def test_queries_on_the_store(work, store, capsys):
     assert stored.indices.reshape(-1).tolist() == top["train_row"].tolist()
     assert rel_err(stored.values.reshape(-1), scores(top)) < 1e-5
 
+    assert (
+        run(["self-influence", "--store", "grads.zarr", "--output", "s.parquet"], d)
+        == 0
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(d / "s.parquet"), pd.read_csv(d / "self.csv")
+    )
+
     capsys.readouterr()
     assert run(["info", "--store", "grads.zarr"], d) == 0
     info = json.loads(capsys.readouterr().out)

