@@ -32,6 +32,7 @@ LAYERS: Dict[str, int] = {
     "projection": 1,
     "jl": 1,
     "compressed": 1,
+    "batches": 1,
     # 2. per-sample gradients and storage
     "gradients": 2,
     "storage": 2,
@@ -49,6 +50,9 @@ LAYERS: Dict[str, int] = {
     # 6. integrations
     "hf": 6,
     "diffusion": 6,
+    "dataset_influence": 6,
+    "trainer": 6,
+    "cli": 6,
     # the package's public namespace re-exports from every layer
     "": 7,
 }

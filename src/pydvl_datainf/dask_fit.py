@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from .config import RegularizationSpec, validate_regularization
 from .errors import EmptyDataError, StoreMismatchError
 from .factored import densify
-from .fit import GradientFunction
+from .fit import GradientFunction, check_metadata
 from .persistence import save_state
 from .rows import RowIndex, RowOrder, row_digests
 from .state import FittedState
@@ -211,6 +211,7 @@ def fit_on_dask(
     resume: bool = False,
     storage_options: Optional[Mapping[str, Any]] = None,
     compressors: Any = None,
+    metadata: Optional[Mapping[str, Any]] = None,
     retries: int = 2,
     progress: bool = True,
 ) -> FittedState:
@@ -231,6 +232,7 @@ def fit_on_dask(
         resume: finish an unfinished fit of the same model, loss and data.
         storage_options: fsspec options for URLs.
         compressors: Zarr compressors.
+        metadata: JSON-serialisable facts to record with the fit.
         retries: how many times Dask reruns a task whose worker died.
         progress: show a progress bar.
 
@@ -269,6 +271,7 @@ def fit_on_dask(
     if n == 0:
         raise EmptyDataError("The training loader has no samples; DataInf needs n > 0")
     spec = validate_regularization(regularization, gradients.blocks.names)
+    recorded = check_metadata(metadata)
     blocks = gradients.blocks
     stored = dtype or gradients.dtype
     if stored not in STORE_DTYPES.values():
@@ -352,6 +355,7 @@ def fit_on_dask(
         regularization_scale=float(regularization_scale),
         loss=identity["loss"],
         dtype=gradients.dtype,
+        metadata=recorded,
     ).with_regularization(spec)
     save_state(state)
     return state

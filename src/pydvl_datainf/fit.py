@@ -13,12 +13,13 @@ the row digests.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ __all__ = [
     "fit",
     "model_lock",
     "check_batch",
+    "check_metadata",
     "training_gradients",
 ]
 
@@ -86,6 +88,28 @@ def check_batch(x: Any, y: Any, what: str = "x") -> None:
             f"{what} has {len(x)} samples but its labels have {len(y)} "
             f"(shapes {tuple(x.shape)} and {tuple(y.shape)})"
         )
+
+
+def check_metadata(metadata: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """`metadata` as JSON reads it back (what a store returns after reopening).
+
+    Tuples become lists and keys become strings, so a state in memory holds
+    the same metadata as one reopened from disk.
+
+    Raises:
+        TypeError: values that JSON cannot hold (or NaN and infinities).
+
+    Example:
+        >>> check_metadata({"model": "smollm2", "columns": ("prompt", "completion")})
+        {'columns': ['prompt', 'completion'], 'model': 'smollm2'}
+        >>> check_metadata(None)
+        {}
+    """
+    try:
+        text = json.dumps(dict(metadata or {}), allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"fit metadata must be plain JSON: {e}") from None
+    return dict(json.loads(text))
 
 
 class GradientFunction:
@@ -297,6 +321,7 @@ def fit(
     regularization_scale: float = 0.1,
     factorize: bool = True,
     progress: bool = True,
+    metadata: Optional[Mapping[str, Any]] = None,
 ) -> FittedState:
     r"""One pass over `data`: gradients into `store`, norms, $\lambda_l$, digests.
 
@@ -312,6 +337,8 @@ def fit(
         regularization_scale: $c$ in the `"auto"` rule.
         factorize: keep rank-one blocks factored in stores that accept it.
         progress: show a progress bar.
+        metadata: JSON-serialisable facts to record with the state (and the
+            store); see [check_metadata][pydvl_datainf.fit.check_metadata].
 
     Returns:
         The fitted state.
@@ -320,6 +347,7 @@ def fit(
         EmptyDataError: the loader yields no samples.
         NonFiniteGradientError: a gradient is NaN or inf (names the samples).
         RegularizationError: an invalid or out-of-range $\lambda_l$.
+        TypeError: `metadata` that JSON cannot hold.
 
     Example:
         ```python
@@ -340,6 +368,7 @@ def fit(
         ```
     """
     spec = validate_regularization(regularization, gradients.blocks.names)
+    recorded = check_metadata(metadata)
     if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
         logger.warning(
             "The training loader shuffles: training rows are numbered in the "
@@ -385,6 +414,7 @@ def fit(
         regularization_scale=float(regularization_scale),
         loss=gradients.loss_identity(),
         dtype=gradients.dtype,
+        metadata=recorded,
     )
     state = state.with_regularization(spec)
     if isinstance(store, AutoGradientStore):

@@ -27,7 +27,9 @@ from collections import OrderedDict
 from typing import (
     TYPE_CHECKING,
     Any,
+    Callable,
     Dict,
+    Iterable,
     List,
     Mapping,
     Optional,
@@ -43,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import formula
+from .batches import DatasetBatches, adapter_for
 from .blocks import DEFAULT_SPEC, BlockSpec, BlockStructure, build_blocks
 from .config import RegularizationSpec, parse_bytes, validate_regularization
 from .dask_fit import fit_on_dask
@@ -314,6 +317,11 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
     def store(self) -> Optional[GradientStore]:
         """The training gradients (`None` before fit)."""
         return None if self._fitted is None else self._fitted.store
+
+    @property
+    def metadata(self) -> Dict[str, Any]:
+        """The metadata recorded by `fit` (`{}` before fit or if none)."""
+        return {} if self._fitted is None else dict(self._fitted.metadata)
 
     @property
     def n_train(self) -> int:
@@ -699,8 +707,11 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
     def fit(
         self,
-        data: DataLoader,
+        data: Union[DataLoader, Iterable[Tuple[torch.Tensor, torch.Tensor]], Any],
         *,
+        collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+        batch_size: int = 8,
+        metadata: Optional[Mapping[str, Any]] = None,
         client: Optional[Client] = None,
         partition_rows: Optional[int] = None,
         resume: bool = False,
@@ -716,10 +727,22 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         [fit_on_dask][pydvl_datainf.dask_fit.fit_on_dask]).
 
         Args:
-            data: an iterable of `(x, y)` batches, e.g. a torch DataLoader
-                (with `client`: a DataLoader over a map-style dataset, in
-                order).
-            client: a `distributed.Client` to fit on (needs `store="zarr"`).
+            data: an iterable of `(x, y)` batches, e.g. a torch DataLoader; or,
+                with `collate_fn`, a map-style dataset (e.g. a tokenized
+                `datasets.Dataset`), read in order: row `i` is dataset row `i`.
+            collate_fn: makes a batch of dataset rows (e.g. a Hugging Face data
+                collator); the model's `batch_adapter`, if it has one, turns
+                the batch into `(x, y)` (see
+                [DatasetBatches][pydvl_datainf.batches.DatasetBatches]).
+            batch_size: rows per batch with `collate_fn` (scores do not depend
+                on it).
+            metadata: JSON-serialisable facts to record with the fit (and in a
+                Zarr store); read back by
+                [metadata][pydvl_datainf.influence.DataInfInfluence.metadata],
+                also after `from_store`.
+            client: a `distributed.Client` to fit on (needs `store="zarr"`;
+                `data` a DataLoader over a map-style dataset, in order, or a
+                dataset with `collate_fn`).
             partition_rows: with `client`, rows per partition (default about
                 $n/16$).
             resume: with `client`, finish an interrupted fit of the same model,
@@ -734,15 +757,35 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             RegularizationError: an `"auto"` $\lambda_l$ is zero, or a value
                 is out of range for the compute dtype.
             ValueError: `client` without `store="zarr"` and a `store_path`.
+            TypeError: `metadata` that JSON cannot hold.
+
+        Example:
+            ```python
+            import torch
+            from torch.utils.data import TensorDataset
+            from pydvl_datainf import DataInfInfluence
+
+            model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+            dataset = TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,)))
+            infl = DataInfInfluence(model, loss, progress=False).fit(
+                dataset, collate_fn=torch.utils.data.default_collate,
+                metadata={"data": "random"})
+            assert infl.n_train == 20 and infl.metadata == {"data": "random"}
+            ```
         """
+        if collate_fn is not None:
+            data = DatasetBatches(
+                data, collate_fn, batch_size=batch_size, adapter=adapter_for(self.model)
+            )
         if client is None and (partition_rows is not None or resume):
             raise ValueError("partition_rows and resume apply to a fit with client=")
         if client is not None:
+            loader = data.loader() if isinstance(data, DatasetBatches) else data
             # not under the model's lock: in-process workers compute on this
             # very model, and take the lock themselves
             with self._lock:
                 self._set_state(None)
-            state = self._fit_on_dask(data, client, partition_rows, resume)
+            state = self._fit_on_dask(loader, client, partition_rows, resume, metadata)
             with self._lock:
                 self._remember_store(state.store)
                 self._set_state(state, self._new_watch(state))
@@ -759,6 +802,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                     regularization_scale=self.regularization_scale,
                     factorize=self.factorize,
                     progress=self.progress,
+                    metadata=metadata,
                 )
             except BaseException:
                 store.close()  # a temporary directory goes at once
@@ -769,10 +813,11 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
     def _fit_on_dask(
         self,
-        data: DataLoader,
+        data: Any,
         client: Client,
         partition_rows: Optional[int],
         resume: bool,
+        metadata: Optional[Mapping[str, Any]],
     ) -> FittedState:
         if self._store_spec != "zarr" or self.store_path is None:
             raise ValueError(
@@ -795,6 +840,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             resume=resume,
             storage_options=options.get("storage_options"),
             compressors=options.get("compressors"),
+            metadata=metadata,
             progress=self.progress,
         )
 

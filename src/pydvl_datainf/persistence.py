@@ -35,11 +35,12 @@ from .rows import DIGEST_BYTES, RowIndex
 from .state import FittedState
 from .storage import FitState, ZarrGradientStore
 
-__all__ = ["save_state", "load_state", "identity", "check_identity"]
+__all__ = ["save_state", "load_state", "identity", "check_identity", "stored_metadata"]
 
 logger = logging.getLogger(__name__)
 
 _ROWS = "rows/digests"
+_METADATA = "metadata"  # the key of the caller's fit metadata in the fit state
 _REASONS = {
     "weights_digest": "other weights",
     "frozen_digest": "other frozen weights (another base model, quantization or buffers)",
@@ -167,7 +168,11 @@ def save_state(state: FittedState) -> None:
             block_shapes={b.name: [list(s) for s in b.shapes] for b in state.blocks},
             frozen_digest=state.frozen_fingerprint,
             rows_digest=state.rows_digest,
-            extra={"loss": state.loss, "rows_indexed": indexed},
+            extra={
+                "loss": state.loss,
+                "rows_indexed": indexed,
+                _METADATA: dict(state.metadata),
+            },
         )
     )
     zs = _zarr(state.store)
@@ -327,6 +332,7 @@ def load_state(
         regularization_scale=float(fs.regularization_scale),
         loss=stored_loss or loss,
         dtype=dtype,
+        metadata=stored_metadata(fs),
     )
     if regularization is not None:
         state = state.with_regularization(regularization)
@@ -359,3 +365,46 @@ def _check_derived_lambda(
                 f"the gradient store at {path!r} is damaged or was edited. Pass "
                 f"regularization= to set λ, or fit again."
             )
+
+
+def stored_metadata(store: Any) -> Dict[str, Any]:
+    """The metadata that `fit(..., metadata=...)` recorded in a store, read
+    without a model (e.g. to rebuild the model a command line run used).
+
+    Args:
+        store: a [ZarrGradientStore][pydvl_datainf.storage.ZarrGradientStore]
+            (complete), its path or URL, or its
+            [FitState][pydvl_datainf.storage.FitState].
+
+    Returns:
+        The recorded metadata; `{}` if none was recorded.
+
+    Raises:
+        StoreMismatchError: an incomplete store.
+        FileNotFoundError: no store at the path.
+
+    Example:
+        ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence
+        from pydvl_datainf.persistence import stored_metadata
+
+        model, loss = torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy
+        data = DataLoader(TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,))))
+        DataInfInfluence(model, loss, store="zarr", store_path="grads.zarr",
+                         progress=False).fit(data, metadata={"run": 1})
+        assert stored_metadata("grads.zarr") == {"run": 1}
+        ```
+    """
+    if isinstance(store, FitState):
+        fs = store
+    else:
+        zs = (
+            store
+            if isinstance(store, ZarrGradientStore)
+            else ZarrGradientStore.open(store)
+        )
+        fs = zs.load_fit_state()
+    extra = dict(getattr(fs, "extra", None) or {})
+    return dict(extra.get(_METADATA) or {})

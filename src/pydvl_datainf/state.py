@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -56,6 +56,9 @@ class FittedState:
         regularization_scale: $c$ in the `"auto"` rule.
         loss: the name of the loss used at fit (`""` if unknown).
         dtype: the dtype the operator computes in (for range checks).
+        metadata: JSON-serialisable facts recorded by the caller of `fit`
+            (e.g. the configuration of a command line run), saved with a Zarr
+            store and read back with it.
 
     Example:
         ```python
@@ -85,6 +88,7 @@ class FittedState:
     regularization_scale: float = formula.DEFAULT_REGULARIZATION_SCALE
     loss: str = ""
     dtype: torch.dtype = torch.float32
+    metadata: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def block_names(self) -> list:

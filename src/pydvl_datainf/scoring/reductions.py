@@ -35,6 +35,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -43,6 +44,7 @@ from ..errors import StoreMismatchError
 from ..influence import DataInfInfluence
 from ..operator import DataInfOperator
 from .checked_matrix import CheckedMatrix
+from .frames import top_k_frame
 from .inputs import TestData, group_test_grads, mean_test_gradient, scan_test_data
 from .matrix import MatrixResult, check_sizes, default_test_rows
 from .tiles import TileOutput, read_marks
@@ -72,6 +74,29 @@ class TopK:
 
     values: torch.Tensor
     indices: torch.Tensor
+
+    def to_frame(self, train: Any = None, test: Any = None) -> pd.DataFrame:
+        """The result as a table, one row per test row and rank (see
+        [top_k_frame][pydvl_datainf.scoring.frames.top_k_frame]).
+
+        Args:
+            train: who the training rows are: a
+                [DatasetBatches][pydvl_datainf.batches.DatasetBatches] (ids and
+                text), a [RowInfo][pydvl_datainf.batches.RowInfo], a list of
+                ids, or `None` (positions).
+            test: who the test rows are, likewise.
+
+        Example:
+            ```python
+            import torch
+            from pydvl_datainf.scoring.reductions import TopK
+
+            best = TopK(values=torch.tensor([[3.0, 2.0]]), indices=torch.tensor([[7, 1]]))
+            table = best.to_frame()
+            assert table["train_row"].tolist() == [7, 1]
+            ```
+        """
+        return top_k_frame(self, train, test)
 
 
 def _merge_top(
