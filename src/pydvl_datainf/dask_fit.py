@@ -49,6 +49,7 @@ from .errors import EmptyDataError, StoreMismatchError
 from .factored import densify
 from .fit import GradientFunction, check_metadata
 from .persistence import save_state
+from .projection import projections_digest
 from .rows import RowIndex, RowOrder, row_digests
 from .state import FittedState
 from .storage import STORE_DTYPES, ZarrGradientStore, default_chunk_rows
@@ -277,18 +278,20 @@ def fit_on_dask(
     if stored not in STORE_DTYPES.values():
         stored = torch.float32
     item = torch.empty(0, dtype=stored).element_size()
-    rows_per_chunk = int(chunk_rows or default_chunk_rows(sum(blocks.sizes) * item))
+    widths = gradients.widths
+    rows_per_chunk = int(chunk_rows or default_chunk_rows(sum(widths) * item))
     per_partition = partition_rows_for(n, batch_size, rows_per_chunk, partition_rows)
     identity: Dict[str, Any] = {
         "weights_digest": gradients.fingerprint(),
         "frozen_digest": gradients.frozen_fingerprint(),
         "loss": gradients.loss_identity(),
+        "projections": projections_digest(gradients.projections),
         "batch_size": batch_size,
     }
     store = PartitionedStore.create(
         path,
         blocks.names,
-        blocks.sizes,
+        widths,
         n,
         dtype=stored,
         chunk_rows=rows_per_chunk,
@@ -351,6 +354,7 @@ def fit_on_dask(
         frozen_fingerprint=identity["frozen_digest"],
         rows=RowIndex.from_digests(digests),
         rows_digest=order.hexdigest(),
+        projections=gradients.projections,
         regularization_spec=spec,
         regularization_scale=float(regularization_scale),
         loss=identity["loss"],

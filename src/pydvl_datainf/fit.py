@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from .factored import squared_norms as factored_norms
 from .fingerprint import FrozenRefs, frozen_digest, loss_name, weights_digest
 from .gradients import GradientEngine, LossFn, accumulation_dtype
 from .persistence import save_state
+from .projection import Projection, ProjectionSpec
 from .rows import RowIndex, RowOrder, batch_digest, row_digests
 from .state import FittedState
 from .storage import AutoGradientStore, GradientStore
@@ -125,6 +126,10 @@ class GradientFunction:
         blocks: the block structure.
         loss_id: a name for the loss, used as its identity instead of its
             settings (see [loss_name][pydvl_datainf.fingerprint.loss_name]).
+        projections: a projection per block (see
+            [Compression][pydvl_datainf.projection.Compression]): the rows
+            are then the projected gradients $P_l g_{il}$, and the norms those
+            of the unprojected ones.
 
     Raises:
         UnidentifiableLossError: the loss cannot be identified and no
@@ -154,6 +159,7 @@ class GradientFunction:
         engine: GradientEngine,
         blocks: BlockStructure,
         loss_id: Optional[str] = None,
+        projections: Optional[Mapping[str, ProjectionSpec]] = None,
     ):
         self.model = model
         self.loss = loss
@@ -161,15 +167,33 @@ class GradientFunction:
         self.blocks = blocks
         self.loss_id = loss_id
         self.loss_identity()  # fail early for a loss that cannot be identified
+        self.projections: Optional[OrderedDict[str, ProjectionSpec]] = None
+        if projections is not None:
+            if list(projections) != blocks.names:
+                raise ValueError(
+                    f"projections for blocks {list(projections)}, the model has "
+                    f"{blocks.names}"
+                )
+            for b in blocks:
+                spec = projections[b.name]
+                if spec.dim != b.size or len(spec.parts) != len(b.params):
+                    raise ValueError(
+                        f"the projection of block {b.name!r} takes {spec.dim} "
+                        f"columns in {len(spec.parts)} parts; the block has "
+                        f"{b.size} in {len(b.params)} parameters"
+                    )
+            self.projections = OrderedDict((k, projections[k]) for k in blocks.names)
         self.lock = model_lock(model)
         self._eval_depth = 0
         self._frozen_refs: Optional[FrozenRefs] = None
+        self._materialised: Dict[str, Dict[str, Projection]] = {}
 
     def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
         del state["lock"]
         state["_eval_depth"] = 0
         state["_frozen_refs"] = None
+        state["_materialised"] = {}  # regenerated from the specs where it runs
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -264,7 +288,11 @@ class GradientFunction:
         x, y = x.to(device), y.to(device)
         with self.eval_mode():
             params = self.params
-            if factored:
+            if self.projections is not None:
+                projected = self.engine.per_sample_grads_projected(
+                    self.model, self.loss, x, y, params, self.parameter_projections()
+                )
+            elif factored:
                 per_param = self.engine.per_sample_grads_factored(
                     self.model, self.loss, x, y, params
                 )
@@ -272,8 +300,18 @@ class GradientFunction:
                 per_param = dict(
                     self.engine.per_sample_grads(self.model, self.loss, x, y, params)
                 )
-        grads = self.blocks.gather(per_param)
-        norms = OrderedDict((k, factored_norms(g)) for k, g in grads.items())
+        if self.projections is not None:
+            rows = self.blocks.gather({p: g.rows for p, g in projected.items()})
+            grads: Dict[str, Rows] = (
+                rows if factored else {k: densify(g) for k, g in rows.items()}
+            )
+            norms = OrderedDict(
+                (b.name, sum_norms([projected[p].squared_norms for p in b.params]))
+                for b in self.blocks
+            )
+        else:
+            grads = self.blocks.gather(per_param)
+            norms = OrderedDict((k, factored_norms(g)) for k, g in grads.items())
         # the norms are >= 0: a finite total means all are finite; otherwise
         # look closer (the total alone may overflow)
         if bool(torch.isfinite(torch.cat(list(norms.values())).sum())):
@@ -292,6 +330,51 @@ class GradientFunction:
             f"NaN or inf per-sample gradients (or squared norms overflowing their "
             f"dtype) for {where} ({len(idx)} in all) in blocks {bad_blocks}"
         )
+
+    def parameter_projections(self) -> Dict[str, Projection]:
+        """The projection of every block parameter, by name, materialised on
+        the model's device (regenerated from the specs, checked, once)."""
+        assert self.projections is not None
+        device = self.device
+        key = str(device)
+        if key not in self._materialised:
+            out: Dict[str, Projection] = {}
+            for b in self.blocks:
+                whole = Projection(self.projections[b.name], device)
+                out.update(zip(b.params, whole.parts))
+            self._materialised[key] = out
+        return self._materialised[key]
+
+    def unproject(self, factors: Mapping[str, torch.Tensor]) -> Blockwise:
+        r"""Factors in projected space, $f_l$, taken back to parameter space,
+        $P_l^\top f_l$ (unchanged without projections): the directions in
+        parameter space whose inner products with the gradients are the
+        projected scores."""
+        if self.projections is None:
+            return OrderedDict(factors)
+        device = self.device
+        return OrderedDict(
+            (
+                k,
+                Projection(self.projections[k], device, f.dtype).transpose_apply(f),
+            )
+            for k, f in factors.items()
+        )
+
+    @property
+    def widths(self) -> List[int]:
+        """The width of each block's rows: $k_l$ projected, else $d_l$."""
+        if self.projections is None:
+            return list(self.blocks.sizes)
+        return [self.projections[k].k for k in self.blocks.names]
+
+
+def sum_norms(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The squared norm of a block's rows from its parameters' squared norms."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
 
 
 def _batches(data: Any, progress: bool) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -410,6 +493,7 @@ def fit(
         frozen_fingerprint=frozen,
         rows=rows,
         rows_digest=order.hexdigest(),
+        projections=gradients.projections,
         regularization_spec=spec,
         regularization_scale=float(regularization_scale),
         loss=gradients.loss_identity(),

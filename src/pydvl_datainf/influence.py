@@ -59,10 +59,11 @@ from .errors import (
 from .fingerprint import WeightWatch
 from .fit import GradientFunction, check_batch, training_gradients
 from .fit import fit as fit_state
-from .gradients import GradientEngine, LossFn, get_engine
+from .gradients import GradientEngine, LossFn, accumulation_dtype, get_engine
 from .operator import DataInfOperator
-from .persistence import load_state
+from .persistence import load_state, stored_projections
 from .perturbation import perturbation_influences_by_block
+from .projection import Compression, projection_specs
 from .rows import batch_digest
 from .state import FittedState
 from .storage import (
@@ -151,6 +152,15 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             outputs instead of its settings. Needed for a loss whose settings
             cannot be read (see [loss_name][pydvl_datainf.fingerprint.loss_name]);
             change it whenever the loss changes.
+        compression: compress the per-sample gradients before they are
+            stored: a [Compression][pydvl_datainf.projection.Compression]
+            (or a dict of its fields, e.g. `{"side": 16}`), or explicit
+            projections `{block: ProjectionSpec}`. Every block is projected
+            with a seeded random projection recorded in the store; the squared
+            norms and $\lambda_l$ stay exact, inner products are taken in
+            projected space (see the docs' "Scaling to LLMs" page for the
+            error and how to choose the size). Factors, stored rows and
+            `per_sample_gradients` are then in projected space. Default: none.
         factorize: let `fit` keep rank-one per-sample gradients (linear layers
             without a token dimension, e.g. the LoRA adapters of an MLP) as
             their two factors in the in-memory cache (see
@@ -194,6 +204,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         store_options: Optional[Mapping[str, Any]] = None,
         factorize: bool = True,
         loss_id: Optional[str] = None,
+        compression: Union[None, Compression, Mapping[str, Any]] = None,
     ):
         self.model = model
         self.loss = loss
@@ -221,8 +232,16 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         self.progress = progress
         self.factorize = bool(factorize)
         self.test_factor_cache = int(test_factor_cache)
+        dtype = dict(model.named_parameters())[self.blocks.parameter_names()[0]].dtype
         self._gradients = GradientFunction(
-            model, loss, self.engine, self.blocks, loss_id=loss_id
+            model,
+            loss,
+            self.engine,
+            self.blocks,
+            loss_id=loss_id,
+            projections=projection_specs(
+                compression, self.blocks, accumulation_dtype(dtype)
+            ),
         )
         self._lock = self._gradients.lock
         self._factor_cache: OrderedDict[Tuple[int, bytes], Blockwise] = OrderedDict()
@@ -480,7 +499,8 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             y: targets.
 
         Returns:
-            `(len(x), n_parameters)`, blocks concatenated in block order.
+            `(len(x), n_parameters)`, blocks concatenated in block order
+            (with `compression`: `(len(x), sum of k_l)`, in projected space).
         """
         return self._influence_factors(x, y)
 
@@ -502,6 +522,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                 out[k] = f.to(dtype) @ g.T
             return out
         device = self.device
+        factors = self._gradients.unproject(factors)  # into parameter space
         with self._gradients.eval_mode():
             return OrderedDict(
                 perturbation_influences_by_block(
@@ -946,6 +967,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             store_path=zs.path,
             store_options={"storage_options": dict(storage_options or {})},
             loss_id=loss_id,
+            compression=stored_projections(recorded),
         )
         watch = WeightWatch(self.params, frozen=self._gradients.frozen())
         state = load_state(
@@ -954,6 +976,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             watch.digest,
             self._gradients.loss_identity(),
             frozen_fingerprint=watch.frozen_digest,
+            projections=self._gradients.projections,
             dtype=self._gradients.dtype,
             regularization=regularization,
             allow_other_loss=allow_other_loss,

@@ -31,18 +31,33 @@ from .config import (
     resolve_regularization,
 )
 from .errors import RegularizationError, StoreMismatchError
+from .projection import (
+    ProjectionSpec,
+    projections_digest,
+    projections_from_dict,
+    projections_to_dict,
+)
 from .rows import DIGEST_BYTES, RowIndex
 from .state import FittedState
 from .storage import FitState, ZarrGradientStore
 
-__all__ = ["save_state", "load_state", "identity", "check_identity", "stored_metadata"]
+__all__ = [
+    "save_state",
+    "load_state",
+    "identity",
+    "check_identity",
+    "stored_metadata",
+    "stored_projections",
+]
 
 logger = logging.getLogger(__name__)
 
 _ROWS = "rows/digests"
 _METADATA = "metadata"  # the key of the caller's fit metadata in the fit state
+_PROJECTIONS = "projections"  # the key of the blocks' projections
 _REASONS = {
     "weights_digest": "other weights",
+    "projections": "another compression of the gradients",
     "frozen_digest": "other frozen weights (another base model, quantization or buffers)",
     "train_order": "training rows in another order (or other training rows)",
     "test_digest": "other test data",
@@ -91,6 +106,7 @@ def identity(state: FittedState, **extra: Any) -> Dict[str, Any]:
         "weights_digest": state.fingerprint,
         "frozen_digest": state.frozen_fingerprint,
         "train_order": state.rows_digest,
+        "projections": projections_digest(state.projections),
         "regularization": {k: float(v) for k, v in state.regularization.items()},
         "norm_sums": dict(state.norm_sums),
         "loss": state.loss,
@@ -172,6 +188,7 @@ def save_state(state: FittedState) -> None:
                 "loss": state.loss,
                 "rows_indexed": indexed,
                 _METADATA: dict(state.metadata),
+                _PROJECTIONS: projections_to_dict(state.projections),
             },
         )
     )
@@ -211,6 +228,7 @@ def load_state(
     loss: str,
     *,
     frozen_fingerprint: str,
+    projections: Optional[Mapping[str, ProjectionSpec]] = None,
     dtype: torch.dtype = torch.float32,
     regularization: Optional[RegularizationSpec] = None,
     allow_other_loss: bool = False,
@@ -225,6 +243,8 @@ def load_state(
             [loss_name][pydvl_datainf.fingerprint.loss_name]).
         frozen_fingerprint: the digest of the model's current frozen weights
             and buffers (see [frozen_digest][pydvl_datainf.fingerprint.frozen_digest]).
+        projections: the projections the model compresses its gradients with
+            (`None`: none); they must be those the store was written with.
         dtype: the compute dtype, for the range check of $\lambda_l$.
         regularization: `None` keeps the stored $\lambda_l$; else a new spec,
             resolved from the stored norms.
@@ -243,13 +263,20 @@ def load_state(
     """
     fs = store.load_fit_state()
     path = store.path
+    stored_projections = projections_from_dict(dict(fs.extra or {}).get(_PROJECTIONS))
     shapes = {b.name: [list(s) for s in b.shapes] for b in blocks}
+    widths = (
+        list(blocks.sizes)
+        if stored_projections is None
+        else [stored_projections[k].k for k in blocks.names]
+    )
     if (fs.block_shapes and shapes != fs.block_shapes) or (
-        list(blocks.sizes) != list(store.block_sizes)
+        widths != list(store.block_sizes)
     ):
         raise StoreMismatchError(
             f"The gradient store at {path!r} was written for blocks of other "
-            f"shapes: stored {fs.block_shapes}, model {shapes}"
+            f"shapes: stored {fs.block_shapes} (rows of widths "
+            f"{list(store.block_sizes)}), model {shapes} (widths {widths})"
         )
     if fs.weights_digest != fingerprint:
         raise StoreMismatchError(
@@ -268,6 +295,19 @@ def load_state(
             f"base model that was fitted, or fit again."
         )
     extra = dict(getattr(fs, "extra", None) or {})
+    if projections_digest(stored_projections) != projections_digest(projections):
+        raise StoreMismatchError(
+            f"The gradient store at {path!r} holds "
+            + (
+                "uncompressed gradients"
+                if stored_projections is None
+                else "gradients compressed with other projections"
+            )
+            + ", but the model "
+            + ("compresses" if projections is not None else "does not compress")
+            + " its gradients in this way. Reopen it with the store's own "
+            "compression (DataInfInfluence.from_store does), or fit again."
+        )
     stored_loss = str(extra.get("loss", ""))
     if not stored_loss:
         logger.warning(
@@ -326,6 +366,11 @@ def load_state(
         store=store,
         fingerprint=fingerprint,
         frozen_fingerprint=frozen_fingerprint,
+        projections=(
+            None
+            if stored_projections is None
+            else OrderedDict((k, stored_projections[k]) for k in blocks.names)
+        ),
         rows=_load_rows(store, n, extra),
         rows_digest=fs.rows_digest,
         regularization_spec=OrderedDict(fs.regularization_spec),
@@ -408,3 +453,9 @@ def stored_metadata(store: Any) -> Dict[str, Any]:
         fs = zs.load_fit_state()
     extra = dict(getattr(fs, "extra", None) or {})
     return dict(extra.get(_METADATA) or {})
+
+
+def stored_projections(state: FitState) -> Optional[Dict[str, ProjectionSpec]]:
+    """The projections a store's gradients were compressed with (`None` if
+    they were not), from its [FitState][pydvl_datainf.storage.FitState]."""
+    return projections_from_dict(dict(state.extra or {}).get(_PROJECTIONS))

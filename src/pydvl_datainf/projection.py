@@ -72,6 +72,7 @@ from .factored import FactoredGrads, Rows
 from .factored import squared_norms as rows_squared_norms
 
 __all__ = [
+    "Compression",
     "SPEC_VERSION",
     "LEAF_KINDS",
     "KINDS",
@@ -86,6 +87,10 @@ __all__ = [
     "block_specs",
     "derive_seed",
     "project_rows",
+    "projection_specs",
+    "projections_to_dict",
+    "projections_from_dict",
+    "projections_digest",
 ]
 
 SPEC_VERSION = 1
@@ -498,6 +503,146 @@ def block_specs(
     }
 
 
+@dataclass(frozen=True)
+class Compression:
+    r"""How per-sample gradients are compressed before they are stored.
+
+    Every block gets a seeded random projection
+    ([block_spec][pydvl_datainf.projection.block_spec]): each matrix
+    parameter (a linear layer's weight, a LoRA matrix) a Kronecker product
+    $P_{out} \otimes P_{in}$ with `side` rows on each side (a side already
+    at most `side` long, such as the rank side of a LoRA matrix, is kept), so
+    that it is projected from the per-token factors; every other parameter a
+    dense projection to `dense_k` (kept whole if smaller). The squared norms
+    and $\lambda_l$ stay exact; inner products are taken in projected space,
+    with the error of the Johnson-Lindenstrauss bound (see [jl][pydvl_datainf.jl]).
+
+    Attributes:
+        side: $k_{out} = k_{in}$ for matrix parameters.
+        dense_k: $k$ for the other parameters.
+        kind: `"gaussian"` or `"rademacher"` (`"orthogonal"` keeps every
+            dimension: a random rotation, for tests).
+        seed: the seed; each block and parameter derives its own.
+
+    Example:
+        >>> c = Compression(side=16)
+        >>> specs = c.specs({"lora_A": [(8, 576)], "lora_B": [(576, 8)]})
+        >>> {name: s.k for name, s in specs.items()}  # 8 x 16 each, of 4608
+        {'lora_A': 128, 'lora_B': 128}
+    """
+
+    side: int = 16
+    dense_k: int = 256
+    kind: str = "gaussian"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.side < 1 or self.dense_k < 1:
+            raise ValueError(
+                f"side and dense_k must be positive, got {self.side}, {self.dense_k}"
+            )
+        if self.kind not in ("gaussian", "rademacher", "orthogonal"):
+            raise ValueError(
+                f"kind must be 'gaussian', 'rademacher' or 'orthogonal', got "
+                f"{self.kind!r}"
+            )
+
+    @classmethod
+    def of(
+        cls, value: Union[None, Compression, Mapping[str, Any]]
+    ) -> Optional[Compression]:
+        """`value` as a `Compression` (`None` stays `None`; a dict gives the fields)."""
+        if value is None or isinstance(value, Compression):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**dict(value))
+        raise TypeError(
+            f"compression must be a Compression, a dict of its fields, or None; got "
+            f"{type(value).__name__}"
+        )
+
+    def specs(
+        self, blocks: Mapping[str, Sequence[Sequence[int]]], dtype: str = "float32"
+    ) -> Dict[str, ProjectionSpec]:
+        """The projection of every block `{name: [parameter shapes]}`."""
+        return block_specs(blocks, self.side, self.dense_k, self.kind, self.seed, dtype)
+
+
+def projection_specs(
+    compression: Union[None, Compression, Mapping[str, Any]],
+    blocks: Any,
+    dtype: torch.dtype = torch.float32,
+) -> Optional[Dict[str, ProjectionSpec]]:
+    """The projection of every block of `blocks` (a
+    [BlockStructure][pydvl_datainf.blocks.BlockStructure]) for a compression
+    choice: `None`, a [Compression][pydvl_datainf.projection.Compression] (or
+    a dict of its fields), or explicit specs `{block: ProjectionSpec}`.
+
+    Raises:
+        ValueError: explicit specs for other blocks.
+
+    Example:
+        >>> from torch import nn
+        >>> from pydvl_datainf.blocks import build_blocks
+        >>> blocks = build_blocks(nn.Linear(64, 32))
+        >>> {k: s.k for k, s in projection_specs({"side": 4}, blocks).items()}
+        {'': 48}
+    """
+    if compression is None:
+        return None
+    names = list(blocks.names)
+    if isinstance(compression, Mapping) and all(
+        isinstance(v, ProjectionSpec) for v in compression.values()
+    ):
+        if sorted(compression) != sorted(names):
+            raise ValueError(
+                f"projections for blocks {sorted(compression)}, the model has {names}"
+            )
+        return {k: compression[k] for k in names}
+    config = Compression.of(compression)
+    assert config is not None
+    name = str(dtype).replace("torch.", "")
+    return config.specs(
+        {b.name: [list(s) for s in b.shapes] for b in blocks},
+        dtype=name if name in _DTYPES else "float32",
+    )
+
+
+def projections_to_dict(
+    specs: Optional[Mapping[str, ProjectionSpec]],
+) -> Optional[Dict[str, Any]]:
+    """Block projections as JSON values (`None` stays `None`)."""
+    if specs is None:
+        return None
+    return {name: spec.to_dict() for name, spec in specs.items()}
+
+
+def projections_from_dict(
+    data: Optional[Mapping[str, Any]],
+) -> Optional[Dict[str, ProjectionSpec]]:
+    """The inverse of [projections_to_dict][pydvl_datainf.projection.projections_to_dict]."""
+    if data is None:
+        return None
+    return {name: ProjectionSpec.from_dict(d) for name, d in data.items()}
+
+
+def projections_digest(specs: Optional[Mapping[str, ProjectionSpec]]) -> str:
+    """SHA-256 of block projections (`""` for uncompressed gradients): part of
+    the identity of a fit.
+
+    Example:
+        >>> projections_digest(None)
+        ''
+        >>> a = Compression(side=2).specs({"w": [(4, 4)]})
+        >>> projections_digest(a) == projections_digest(Compression(side=2).specs({"w": [(4, 4)]}))
+        True
+    """
+    if specs is None:
+        return ""
+    text = json.dumps(projections_to_dict(specs), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 # ------------------------------------------------------------------ application
 @dataclass(frozen=True)
 class ProjectedGrads:
@@ -715,6 +860,39 @@ class Projection:
         if inp.weight is not None:
             right = right @ inp.weight.T
         return (left.transpose(1, 2) @ right).reshape(len(left), out.k * inp.k)
+
+    def transpose_apply(self, rows: torch.Tensor) -> torch.Tensor:
+        """$P^\top f_i$ for rows $(n, k)$: $(n, d)$, back in parameter space.
+
+        Example:
+            >>> p = Projection(kronecker_spec((3, 4), (2, 2), dtype="float64"))
+            >>> f = torch.randn(5, 4, dtype=torch.float64)
+            >>> torch.allclose(p.transpose_apply(f), f @ p.matrix())
+            True
+        """
+        if rows.dim() != 2 or rows.shape[1] != self.k:
+            raise ValueError(
+                f"rows of shape {tuple(rows.shape)} for a projection to {self.k}"
+            )
+        rows = self._cast(rows)
+        kind = self.spec.kind
+        if kind == "identity":
+            return rows
+        if self.weight is not None:
+            return rows @ self.weight
+        if kind == "kronecker":
+            out, inp = self.parts
+            f = rows.reshape(len(rows), out.k, inp.k)
+            if inp.weight is not None:
+                f = f @ inp.weight
+            if out.weight is not None:
+                f = torch.matmul(out.weight.T, f)
+            return f.reshape(len(rows), out.dim * inp.dim)
+        pieces, start = [], 0
+        for p in self.parts:
+            pieces.append(p.transpose_apply(rows[:, start : start + p.k]))
+            start += p.k
+        return torch.cat(pieces, dim=1)
 
 
 def project_rows(projection: Projection, rows: Rows) -> ProjectedGrads:

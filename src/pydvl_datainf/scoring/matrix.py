@@ -332,7 +332,7 @@ def influence_matrix(
         raise ValueError("The test data are empty")
     acc = state.dtype
     item = torch.empty(0, dtype=acc).element_size()
-    row_bytes = int(sum(state.blocks.sizes)) * item
+    row_bytes = int(sum(state.widths)) * item
     chunk_default = DataInfOperator(state).chunk_rows
     want = identity(state, n_test=scan.n, test_digest=scan.digest)
 
@@ -367,7 +367,7 @@ def influence_matrix(
                 test_rows or default_test_rows(scan.n, row_bytes, factor_budget)
             ),
             train_rows=int(train_rows or chunk_default),
-            block_sizes=tuple(int(d) for d in state.blocks.sizes),
+            block_sizes=tuple(int(d) for d in state.widths),
             dtype=out_dtype or "float32",
             factor_dtype=str(acc).replace("torch.", ""),
         )

@@ -45,6 +45,7 @@ from ..influence import DataInfInfluence
 from ..operator import DataInfOperator
 from .checked_matrix import CheckedMatrix
 from .frames import top_k_frame
+from .indexed import IndexChoice, top_k_indexed
 from .inputs import TestData, group_test_grads, mean_test_gradient, scan_test_data
 from .matrix import MatrixResult, check_sizes, default_test_rows
 from .tiles import TileOutput, read_marks
@@ -147,6 +148,7 @@ def top_k(
     test_rows: Optional[int] = None,
     train_rows: Optional[int] = None,
     batch_size: int = 256,
+    index: Optional[IndexChoice] = None,
     progress: bool = True,
 ) -> TopK:
     """The `k` most (or least) influential training points of every test point.
@@ -168,6 +170,12 @@ def top_k(
             1 GiB of factors).
         train_rows: training rows per chunk (model source).
         batch_size: batch size for test gradients of tensor test data.
+        index: model source: answer from a maximum-inner-product index over
+            the stored rows instead of a pass over them (see
+            [indexed][pydvl_datainf.scoring.indexed]): `True` (exact, saved
+            beside a Zarr store), a directory, or
+            [IndexOptions][pydvl_datainf.storage.index.IndexOptions] (e.g.
+            approximate search). Default: the exact streaming top-k.
         progress: show a progress bar.
 
     Returns:
@@ -200,6 +208,18 @@ def top_k(
     if isinstance(source, DataInfInfluence):
         if test_data is None:
             raise ValueError("top_k on a model needs test_data")
+        if index is not None and index is not False:
+            found, ids = top_k_indexed(
+                source,
+                k,
+                test_data,
+                largest=largest,
+                index=index,
+                test_rows=test_rows,
+                batch_size=batch_size,
+                progress=progress,
+            )
+            return TopK(found, ids)
         return _top_k_model(
             source, k, test_data, largest, test_rows, train_rows, batch_size, progress
         )
@@ -233,7 +253,7 @@ def _top_k_model(
 ) -> TopK:
     state = infl.verified_state()
     op = DataInfOperator(state, chunk_rows=train_rows)
-    row_bytes = int(sum(state.blocks.sizes)) * state.dtype.itemsize
+    row_bytes = int(sum(state.widths)) * state.dtype.itemsize
     scan = scan_test_data(test_data, batch_size)
     t_rows = test_rows or default_test_rows(scan.n, row_bytes, None)
     groups = set(range(-(-scan.n // t_rows)))

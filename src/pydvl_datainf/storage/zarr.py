@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -550,6 +551,30 @@ class ZarrGradientStore(GradientStore):
             rows_digest=str(attrs.get("rows_digest", "")),
             extra=dict(attrs.get("fit_extra") or {}),
         )
+
+    def content_digest(self) -> str:
+        """SHA-256 of the gradients' chunk digests, by place: the same for the
+        same rows in the same chunks (e.g. to key an index of the rows
+        without reading them).
+
+        Example:
+            ```python
+            import torch
+            from pydvl_datainf.storage import ZarrGradientStore
+
+            g = torch.randn(10, 3)
+            for path in ("a.zarr", "b.zarr"):
+                s = ZarrGradientStore(path, ["w"], chunk_rows=4)
+                s.append({"w": g})
+                s.finalize()
+            a, b = ZarrGradientStore.open("a.zarr"), ZarrGradientStore.open("b.zarr")
+            assert a.content_digest() == b.content_digest()
+            ```
+        """
+        h = hashlib.sha256(f"{self._n}|{self._sizes}|".encode())
+        for name in self._grad_names():
+            h.update(self._reader(name).digests.sha256().encode())
+        return h.hexdigest()
 
     def load_array(self, name: str) -> Optional[np.ndarray]:
         """An extra array written by `save_array`, checked; `None` if the
