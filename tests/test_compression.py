@@ -98,8 +98,8 @@ def test_a_reopened_store_projects_test_gradients_the_same_way(tmp_path):
 
 
 def test_another_compression_is_refused(tmp_path):
-    from pydvl_datainf.persistence import load_state
     from pydvl_datainf.fingerprint import WeightWatch
+    from pydvl_datainf.persistence import load_state
 
     model, loss, x, y, xt, yt, c = case()
     infl = fit_zarr(model, loss, x, y, tmp_path / "g.zarr", compression=c)
