@@ -42,13 +42,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
 import compression_common as cc
 from common import machine
 from pydvl_datainf import DataInfInfluence
-from pydvl_datainf.experiments.baselines import training_gradients
 
 logger = logging.getLogger("bench_compression_error")
 
@@ -86,19 +87,43 @@ def load(args: argparse.Namespace) -> Tuple[Any, Any, Tuple[torch.Tensor, ...], 
 
 
 def dense_gradients(
-    model: Any, loss: Any, data: Tuple[torch.Tensor, ...], batch: int, progress: bool
+    model: Any,
+    loss: Any,
+    data: Tuple[torch.Tensor, ...],
+    batch: int,
+    folder: Path,
+    progress: bool,
 ) -> Tuple[DataInfInfluence, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """The per-sample gradients of every block, batch by batch; the training
+    rows go to one float32 file per block in `folder` (memory-mapped: only the
+    pages in use stay in memory), reused if complete."""
     x, y, xt, yt = data
     infl = DataInfInfluence(model, loss, progress=progress)
-    infl.fit(DataLoader(TensorDataset(x, y), batch_size=batch))
-    train = training_gradients(infl)
-    parts: Dict[str, List[torch.Tensor]] = {k: [] for k in train}
+    sizes = {b.name: b.size for b in infl.blocks}
+    done = folder / "complete.json"
+    mode = "r" if done.is_file() else "w+"
+    folder.mkdir(parents=True, exist_ok=True)
+    train = {
+        k: np.lib.format.open_memmap(
+            folder / f"{i}.npy", mode=mode, dtype=np.float32, shape=(len(x), d)
+        )
+        for i, (k, d) in enumerate(sizes.items())
+    }
+    if mode == "w+":
+        for s in tqdm(range(0, len(x), batch), desc="gradients", disable=not progress):
+            g = infl.per_sample_gradients(x[s : s + batch], y[s : s + batch])
+            for k, rows in train.items():
+                rows[s : s + batch] = g[k].numpy()
+        for rows in train.values():
+            rows.flush()
+        done.write_text(json.dumps(list(sizes)))
+    parts: Dict[str, List[torch.Tensor]] = {k: [] for k in sizes}
     for s in range(0, len(xt), batch):
         g = infl.per_sample_gradients(xt[s : s + batch], yt[s : s + batch])
         for k in parts:
             parts[k].append(g[k])
     test = {k: torch.cat(v) for k, v in parts.items()}
-    return infl, train, test
+    return infl, {k: torch.from_numpy(v) for k, v in train.items()}, test
 
 
 def sweep(
@@ -259,8 +284,11 @@ def main() -> None:
     model, loss, data, recipe = load(args)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
+    folder = Path(args.cache) / (
+        f"gradients-{args.model}-{cc.file_key(recipe)}-{args.n_train}x{args.n_test}"
+    )
     infl, train, test = dense_gradients(
-        model, loss, data, args.batch, not args.no_progress
+        model, loss, data, args.batch, folder, not args.no_progress
     )
     t_grads = time.perf_counter() - t0
     shapes = {b.name: [list(s) for s in b.shapes] for b in infl.blocks}

@@ -1891,6 +1891,20 @@ def _mips_index(res: Results) -> str:
     )
 
 
+def _fit_basis(r: Dict[str, Any]) -> str:
+    """How the cost model's `fit` was estimated."""
+    m = r["measured"].get("fit_overhead_measured")
+    if m is None:
+        return ""
+    flops = r["measured"]["fit_overhead_from_flops"]["value"]
+    return (
+        f" `fit` is the plain forward and backward pass times {1 + m['value']:.2f}: "
+        "the ratio measured for the whole of `fit` on SmolLM2-135M on the CPU, "
+        f"where the FLOPs predict {1 + flops:.3f} (the projection's share, from "
+        "FLOPs, in its own column)."
+    )
+
+
 @register("llm-cost")
 def _llm_cost(res: Results) -> str:
     r = res.json(LLM_COST)
@@ -1903,7 +1917,7 @@ def _llm_cost(res: Results) -> str:
             f"{x['store_float16_gb']:.2f} GB",
             _duration(x["fit_1gpu_s"]),
             _duration(x["fit_8gpu_s"]),
-            f"{100 * x['fit_overhead_fraction']:.2f} %",
+            f"{100 * x['projection_share_flops']:.2f} %",
             _ms(x["test_gradient_per_sequence_s"]),
             _ms(x["scores_per_query_batch_gpu_s"]),
             _ms(x["scores_per_query_cpu_s"]),
@@ -1918,7 +1932,7 @@ def _llm_cost(res: Results) -> str:
             f"{a['dense_store_float32_gb']:,.0f} GB, and one pass over it from a disk "
             f"reading {r['published']['nvme_read_gb_s']['value']:g} GB/s takes "
             f"{_duration(e0['dense_store_pass_s'])}. All figures below are "
-            "**estimated**.",
+            f"**estimated**.{_fit_basis(r)}",
             table(
                 [
                     "side",
@@ -1927,7 +1941,7 @@ def _llm_cost(res: Results) -> str:
                     "store (float16)",
                     "`fit`, 1 H100",
                     "`fit`, 8 H100",
-                    "projection's share of `fit`",
+                    "projection's share of `fit` (FLOPs)",
                     "test gradient, per sequence (1 H100)",
                     "scores of a batch of queries, 1 H100",
                     "scores of one query, exact, one CPU thread",
@@ -1960,6 +1974,351 @@ def _llm_cost_inputs(res: Results) -> str:
         [
             table(["kind", "figure", "value", "file"], rows, "llrl"),
             source(LLM_COST, command=LLM_COST_COMMAND),
+        ]
+    )
+
+
+# --- measured error and scale on real models (docs/scaling-llms.md) -------------
+
+ERROR_FILES = {
+    "minilm": "compression/minilm.json",
+    "smollm2": "compression/smollm2.json",
+}
+ERROR_COMMAND = (
+    "python benchmarks/bench_compression_error.py --model {model} "
+    "--out benchmarks/results/compression/{model}.json"
+)
+LLM_SCALE = "compression/smollm2-scale.json"
+LLM_SCALE_COMMAND = (
+    "python benchmarks/bench_llm_scale.py --n-train 2000 --family {family} "
+    "--size {size} --out benchmarks/results/compression/smollm2-scale.json"
+)
+FAMILY_NAMES = {
+    "gaussian": "dense Gaussian, k_l per block",
+    "kronecker": "Kronecker, `side`",
+}
+TARGETS = (0.8, 0.9, 0.95)
+TABLE_PAGES.update(
+    dict.fromkeys(
+        [
+            "compression-error-minilm",
+            "compression-error-smollm2",
+            "compression-choice",
+            "llm-scale",
+            "llm-scale-latency",
+            "llm-scale-profile",
+        ],
+        "scaling-llms.md",
+    )
+)
+
+
+def _error_source(model: str) -> str:
+    return source(ERROR_FILES[model], command=ERROR_COMMAND.format(model=model))
+
+
+def _overlap_key(r: Dict[str, Any]) -> str:
+    return f"top{r['top']}_overlap"
+
+
+def _error_table(model: str) -> Callable[[Results], str]:
+    def render_table(res: Results) -> str:
+        name = ERROR_FILES[model]
+        if not res.exists(name):
+            return not_stored(
+                name, ERROR_COMMAND.format(model=model), f"the error curves of {model}"
+            )
+        r = res.json(name)
+        key = _overlap_key(r)
+        rows = []
+        for p in sorted(r["points"], key=lambda p: (p["family"], p["k"])):
+            bound = p["jl"] and p["jl"]["relative_error_bound"]
+            rows.append(
+                [
+                    f"{p['family']}, {p['size']}",
+                    f"{p['k']:,}",
+                    f"{r['trainable'] / p['k']:,.0f}×",
+                    f"{p['spearman']['mean']:.3f}",
+                    f"{p[key]['mean']:.3f} ({p[key]['min']:.2f})",
+                    f"{p['relative_error']['mean']:.3f}",
+                    "—" if bound is None else f"{bound:,.0f}",
+                ]
+            )
+        check = max(v["relative_difference"] for v in r["verification"])
+        rec = r["recipe"]
+        return "\n\n".join(
+            [
+                f"{rec['model']}, LoRA {rec['lora']}; {rec['data']}; fine-tuned: "
+                f"{rec['fine_tuning']}. {r['blocks']} blocks, "
+                f"{r['trainable']:,} trainable parameters; the uncompressed scores "
+                f"({r['n_test']} × {r['n_train']:,}) are the reference. Mean over "
+                f"{len(r['seeds'])} seeds of the projection (in brackets: the worst "
+                "seed's overlap). Projection: `gaussian, k_l` is one dense Gaussian "
+                "matrix of k_l rows per block; `kronecker, side` is "
+                "`Compression(side=side)` (a side of at most `side`, such as the "
+                "rank side, kept). Bound: the relative error that the "
+                "Johnson–Lindenstrauss bound guarantees with probability 0.99 "
+                "(dense Gaussian only; — where it guarantees nothing). The same "
+                "scores through `DataInfInfluence(compression=...)` (a Zarr store, "
+                f"the first {r['verification'][0]['n_train']} rows) differ from these "
+                f"by at most {check:.0e} (relative).",
+                table(
+                    [
+                        "projection",
+                        "k",
+                        "compression",
+                        "Spearman",
+                        f"top-{r['top']} overlap",
+                        "relative error",
+                        "bound on the relative error",
+                    ],
+                    rows,
+                    "lrrrrrr",
+                ),
+                _error_source(model),
+            ]
+        )
+
+    return render_table
+
+
+register("compression-error-minilm")(_error_table("minilm"))
+register("compression-error-smollm2")(_error_table("smollm2"))
+
+
+def smallest_k(
+    r: Dict[str, Any], family: str, target: float
+) -> Optional[Dict[str, Any]]:
+    """The point of `family` with the smallest k whose worst seed reaches a
+    top-k overlap of `target` (`None` if none in the sweep does)."""
+    key = _overlap_key(r)
+    ok = [p for p in r["points"] if p["family"] == family and p[key]["min"] >= target]
+    return min(ok, key=lambda p: p["k"]) if ok else None
+
+
+def _choice_cell(r: Dict[str, Any], family: str, target: float) -> str:
+    p = smallest_k(r, family, target)
+    if p is None:
+        return "—"
+    return f"{p['k']:,} ({r['trainable'] / p['k']:,.0f}×)"
+
+
+@register("compression-choice")
+def _compression_choice(res: Results) -> str:
+    stored = [m for m, n in ERROR_FILES.items() if res.exists(n)]
+    if not stored:
+        return not_stored(
+            ERROR_FILES["smollm2"],
+            ERROR_COMMAND.format(model="smollm2"),
+            "the error curves",
+        )
+    rows = []
+    top = 100
+    for model in stored:
+        r = res.json(ERROR_FILES[model])
+        top = r["top"]
+        for family in FAMILIES_ORDER:
+            rows.append(
+                [model_name(r), FAMILY_NAMES[family]]
+                + [_choice_cell(r, family, t) for t in TARGETS]
+            )
+    return "\n\n".join(
+        [
+            f"The smallest measured k whose worst seed reaches the top-{top} "
+            "overlap of each column (in brackets: how many times fewer numbers "
+            "than the dense gradients; — where no k of the sweep reaches it).",
+            table(
+                ["model", "projection"] + [f"overlap ≥ {t:g}" for t in TARGETS],
+                rows,
+                "ll" + "r" * len(TARGETS),
+            ),
+            source(*(ERROR_FILES[m] for m in stored)),
+        ]
+    )
+
+
+FAMILIES_ORDER = ("gaussian", "kronecker")
+
+
+def model_name(r: Dict[str, Any]) -> str:
+    return "MiniLM" if r["model"] == "minilm" else "SmolLM2-135M"
+
+
+def _scale_command(r: Dict[str, Any]) -> str:
+    c = r["compression"]
+    return LLM_SCALE_COMMAND.format(family=c["family"], size=c["size"]).replace(
+        "--n-train 2000", f"--n-train {r['n_train']}"
+    )
+
+
+def _scale_intro(r: Dict[str, Any]) -> str:
+    c = r["compression"]
+    load = r["load_average"][0]
+    return (
+        f"SmolLM2-135M, LoRA r=8 on q and v ({r['trainable']:,} parameters, "
+        f"{r['blocks']} blocks), {r['n_train']:,} sequences of {r['tokens']} tokens, "
+        f"batches of {r['batch_size']}; compression: {c['family']}, "
+        f"{c['size']} (k = {c['k']:,}); rows stored in {r['store']['dtype']}. "
+        f"One process on {r['threads']} CPU thread(s) of a shared machine "
+        f"(load average {load:.0f} on {r['cpus']} cores at the end)."
+    )
+
+
+def _fmt_s(t: Dict[str, float]) -> str:
+    return f"{_duration(t['wall_s'])} ({_duration(t['cpu_s'])} CPU)"
+
+
+def _scale_table(
+    what: str,
+) -> Callable[[Callable[[Dict[str, Any]], str]], Callable[[Results], str]]:
+    """A table of the scale results, or a note to run the benchmark."""
+
+    def deco(fn: Callable[[Dict[str, Any]], str]) -> Callable[[Results], str]:
+        def render_table(res: Results) -> str:
+            if not res.exists(LLM_SCALE):
+                command = LLM_SCALE_COMMAND.format(family="kronecker", size=8)
+                return not_stored(LLM_SCALE, command, what)
+            return fn(res.json(LLM_SCALE))
+
+        return render_table
+
+    return deco
+
+
+@register("llm-scale")
+@_scale_table("the SmolLM2 scale benchmark")
+def _llm_scale(r: Dict[str, Any]) -> str:
+    s, f, ref = r["store"], r["fit"], r["reference"]
+    same = ref["same_rows"]
+    key = next(k for k in same if k.endswith("_overlap"))
+    rows = [
+        [
+            "dense float32 store (computed, not written)",
+            f"{s['dense_float32_bytes_computed'] / 1e9:.2f} GB",
+        ],
+        [
+            f"compressed store on disk ({s['dtype']}, measured)",
+            f"{s['measured_bytes'] / 1e6:.1f} MB: {s['compression']:,.0f}× smaller",
+        ],
+        ["plain forward+backward epoch", _fmt_s(f["plain_epoch"])],
+        [
+            "`fit` with compression into the Zarr store",
+            f"{_fmt_s(f['fit'])}: {ratio(f['ratio_wall'])} the plain epoch "
+            f"({ratio(f['ratio_cpu'])} in CPU time)",
+        ],
+        [
+            f"against the uncompressed scores, first {ref['n']:,} rows, "
+            f"{ref['n_test']} test sequences",
+            f"Spearman {same['spearman']:.3f}, top-{key[3:-8]} overlap "
+            f"{same[key]:.3f}, relative error {same['relative_error']:.3f}",
+        ],
+    ]
+    return "\n\n".join(
+        [
+            _scale_intro(r),
+            table(["figure", "measured"], rows, "lr"),
+            source(LLM_SCALE, command=_scale_command(r)),
+        ]
+    )
+
+
+@register("llm-scale-latency")
+@_scale_table("the SmolLM2 top-k latency")
+def _llm_scale_latency(r: Dict[str, Any]) -> str:
+    lat = r["latency"]
+    top = lat["top"]
+
+    def per(key: str) -> List[str]:
+        return [_ms(lat[key]["wall_s"]), _ms(lat[key]["cpu_s"])]
+
+    rows = [
+        [
+            "test gradient (forward and backward, projected)",
+            *per("test_gradients_per_query"),
+            "",
+        ],
+        [
+            "search: exact, a pass over the stored rows",
+            *per("search_streaming_per_query"),
+            "1.000",
+        ],
+        [
+            "search: the k_l × k_l matrices, then an exact flat index",
+            _ms(
+                lat["curvature_apply_per_query"]["wall_s"]
+                + lat["flat_search_per_query"]["wall_s"]
+            ),
+            _ms(
+                lat["curvature_apply_per_query"]["cpu_s"]
+                + lat["flat_search_per_query"]["cpu_s"]
+            ),
+            f"{lat[f'flat_recall_at_{top}']:.3f}",
+        ],
+    ]
+    apply = lat["curvature_apply_per_query"]
+    for e in lat["approximate"]:
+        what = (
+            f"efSearch {e['setting']}"
+            if e["kind"] == "hnsw"
+            else f"nprobe {e['setting']} of {lat['ivf_nlist']} clusters"
+        )
+        rows.append(
+            [
+                f"search: the same, then an {e['kind'].upper()} index, {what}",
+                _ms(apply["wall_s"] + e["search_per_query"]["wall_s"]),
+                _ms(apply["cpu_s"] + e["search_per_query"]["cpu_s"]),
+                f"{e[f'recall_at_{top}']:.3f}",
+            ]
+        )
+    rows += [
+        [
+            "`top_k(infl, ...)`, end to end (exact, streaming)",
+            *per("top_k_streaming_per_query"),
+            "",
+        ],
+        [
+            "`top_k(infl, ..., index=True)`, end to end",
+            *per("top_k_flat_per_query"),
+            "",
+        ],
+        [
+            '`top_k(..., index=IndexOptions(kind="hnsw"))`, end to end',
+            *per("top_k_hnsw_per_query"),
+            "",
+        ],
+    ]
+    once = [
+        ["the k_l × k_l matrices (once per λ)", _fmt_s(lat["curvature_precompute"])],
+        ["exact flat index build", _fmt_s(lat["flat_build"])],
+        ["HNSW index build", _fmt_s(lat["hnsw_build"])],
+        ["IVF index build (k-means)", _fmt_s(lat["ivf_build"])],
+    ]
+    return "\n\n".join(
+        [
+            f"Top-{top} over the {r['n_train']:,} stored rows, a batch of "
+            f"{lat['queries']} test sequences; per query, wall time and CPU time. "
+            f"Recall: of the exact top-{top}.",
+            table(["step", "per query", "CPU", f"recall@{top}"], rows, "lrrr"),
+            table(["done once", "time"], once, "lr"),
+            source(LLM_SCALE, command=_scale_command(r)),
+        ]
+    )
+
+
+@register("llm-scale-profile")
+@_scale_table("where the time of fit goes")
+def _llm_scale_profile(r: Dict[str, Any]) -> str:
+    p = r["profile"]
+    cpu = p["cpu_s"]
+    floor = cpu["plain forward+backward"]
+    rows = [[name, f"{v:.1f} s", ratio(v / floor)] for name, v in cpu.items()]
+    return "\n\n".join(
+        [
+            f"The pieces of `fit` timed apart on {p['rows']} sequences (CPU time, "
+            f"the best of {p['repeats']}); in the last column, the ratio to the "
+            "plain forward+backward pass.",
+            table(["piece", "CPU time", "ratio"], rows, "lrr"),
+            source(LLM_SCALE, command=_scale_command(r)),
         ]
     )
 
