@@ -148,26 +148,23 @@ def _rows(
         )
 
 
-def _running_keys(dask_worker: Any) -> List[Any]:
-    """The keys a worker is still running, cancelled ones included."""
-    return [
-        ts.key
-        for ts in dask_worker.state.tasks.values()
-        if ts.state in ("executing", "long-running", "cancelled")
-    ]
+def _worker_keys(dask_worker: Any) -> List[Any]:
+    """The keys a worker still holds in any state (queued, running, cancelled)."""
+    return list(dask_worker.state.tasks)
 
 
 def _wait_for_running(client: Client, keys: set, timeout: float = 300.0) -> None:
-    """Wait until no worker runs a task of `keys` any more: a running task
-    cannot be stopped, so a failed fit returns only once its tasks are done
-    (and none of them writes after it, e.g. into a resumed fit)."""
+    """Wait until no worker holds a task of `keys` any more: a running task
+    cannot be stopped, and a queued one may start before its cancellation
+    arrives, so a failed fit returns only once its tasks are gone (and none of
+    them writes after it, e.g. into a resumed fit)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        running = {k for ks in client.run(_running_keys).values() for k in ks}
-        if not running & keys:
+        held = {k for ks in client.run(_worker_keys).values() for k in ks}
+        if not held & keys:
             return
         time.sleep(0.05)
-    logger.warning("Tasks of the failed fit still run after %.0f s", timeout)
+    logger.warning("Tasks of the failed fit are still held after %.0f s", timeout)
 
 
 def _worker_device() -> torch.device:
