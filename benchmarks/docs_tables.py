@@ -1012,6 +1012,278 @@ def _cells(line: str) -> List[str]:
     return [c.strip() for c in re.split(r"(?<!\\)\|", inner)]
 
 
+# --- which method, when: the LDS and the verdicts (docs/which-method.md) ------
+
+LDS = NB + "lds.json"
+LDS_COMMAND = (
+    "python -m pydvl_datainf.experiments.lds --mode full --setup {} "
+    "--out notebooks/results/lds.json"
+)
+LDS_SETUPS = ("classifier", "causal_lm")
+LDS_LABELS = {**INFLUENTIAL_LABELS, "tracin": "TracIn"}
+#: tables of pages other than docs/benchmarks.md, by page (file in docs/)
+PAGE_TABLES: Dict[str, Dict[str, Callable[[Results], str]]] = {"which-method.md": {}}
+
+
+def _lds_setup_label(r: Dict[str, Any]) -> str:
+    c = r["config"]
+    if r["setup"] == "classifier":
+        data = DATASET_LABELS.get(c["dataset"], c["dataset"])
+        return (
+            f"{c['model']} + LoRA r={c['rank']}, {data} ({c['n_train']} training "
+            f"and {c['n_test']} test texts)"
+        )
+    return (
+        f"{c['model']} + LoRA r={c['rank']}, {c['task']} ({c['classes']} classes, "
+        f"{c['n_train']} training and {c['n_test']} test examples)"
+    )
+
+
+def _ci(lo: float, hi: float) -> str:
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _lds_groups(methods: Dict[str, Any]) -> Tuple[List[str], List[str], List[str]]:
+    """Methods above, level with, and below DataInf (paired 95% intervals)."""
+    above, level, below = [], [], []
+    for m, v in methods.items():
+        if m == "datainf":
+            continue
+        lo, hi = v["difference_ci"]
+        (above if lo > 0 else below if hi < 0 else level).append(m)
+    return above, level, below
+
+
+def _lds_setup(res: Results, setup: str) -> Optional[Dict[str, Any]]:
+    if not res.exists(LDS):
+        return None
+    return res.json(LDS).get("setups", {}).get(setup)
+
+
+def _lds_table(res: Results) -> str:
+    out = []
+    for setup in LDS_SETUPS:
+        r = _lds_setup(res, setup)
+        if r is None:
+            out.append(
+                f"*Not in the repository yet, so not shown: the {setup} setup. To "
+                f"measure it, run `{LDS_COMMAND.format(setup)}` and "
+                "`python benchmarks/docs_tables.py --write`.*"
+            )
+            continue
+        ms = r["methods"]
+        best = max(v["lds"] for v in ms.values())
+        rows = []
+        for m, v in ms.items():
+            diff = (
+                "—"
+                if m == "datainf"
+                else f"{v['difference']:+.3f} {_ci(*v['difference_ci'])}"
+            )
+            rows.append(
+                [
+                    LDS_LABELS.get(m, m),
+                    bold(f3(v["lds"]), f3(v["lds"]) == f3(best)),
+                    _ci(*v["ci"]),
+                    diff,
+                ]
+            )
+        above, level, below = _lds_groups(ms)
+        d = ms["datainf"]
+        rank = 1 + sum(v["lds"] > d["lds"] for v in ms.values())
+        names = {
+            k: [LDS_LABELS.get(m, m) for m in g]
+            for k, g in (("above", above), ("level", level), ("below", below))
+        }
+        parts = [f"DataInf's LDS {f3(d['lds'])} ranks {rank} of {len(ms)}"]
+        if names["above"]:
+            parts.append(f"clearly below {_listing(names['above'])}")
+        if names["level"]:
+            parts.append(f"level with {_listing(names['level'])}")
+        if names["below"]:
+            parts.append(f"clearly above {_listing(names['below'])}")
+        c, metric, q = r["config"], r["metric"], r["quality"]
+        quality = (
+            f"test accuracy {f3(q['test_accuracy'])}"
+            if "test_accuracy" in q
+            else f"mean test loss {f3(q['test_loss'])}"
+        )
+        out.append(
+            f"**{_lds_setup_label(r)}**: {metric['n_subsets']} subsets of "
+            f"{metric['subset_size']}, {c['epochs']} epochs (batch {c['batch_size']}, "
+            f"learning rate {c['lr']:g}) on each; the model fine-tuned on the whole "
+            f"set ({quality}) gives the scores; TracIn over "
+            f"{len(c['checkpoints'])} checkpoints."
+        )
+        out.append(
+            table(
+                [
+                    "method",
+                    "LDS",
+                    "95% interval",
+                    "minus DataInf (95% interval)",
+                    "seconds",
+                ],
+                rows,
+                "lrrrr",
+            )
+        )
+        out.append("* " + "; ".join(parts) + ".")
+    boot = None
+    for setup in LDS_SETUPS:
+        r = _lds_setup(res, setup)
+        if r is not None:
+            boot = r["metric"]["bootstrap"]
+    if boot is not None:
+        out.insert(
+            0,
+            "LDS: the Spearman correlation, across the retrained subsets, between "
+            "each test point's predicted loss (minus the sum of its scores over "
+            "the subset) and its actual loss, averaged over the test points; "
+            f"best per setup in bold. Intervals: percentile bootstrap over "
+            f"{boot['over']} ({boot['resamples']} resamples), paired for the "
+            "difference to DataInf.",
+        )
+        out.append(source(LDS, command=LDS_COMMAND.format("SETUP")))
+    return "\n\n".join(out)
+
+
+PAGE_TABLES["which-method.md"]["lds"] = _lds_table
+
+
+def _mislabel_standing(
+    doc: Dict[str, Any], dataset: str
+) -> Tuple[Dict[str, float], List[str], List[str], List[str]]:
+    """Mean AUC per method; methods above, level with, below DataInf.
+
+    Paired over seeds: a method is above (below) DataInf when the mean of its
+    per-seed AUC differences is more than two standard errors above (below) 0.
+    """
+    runs = [r for r in _mislabel_main(doc) if r["dataset"] == dataset]
+    by: Dict[str, Dict[int, float]] = {}
+    for r in runs:
+        by.setdefault(r["method"], {})[r["seed"]] = float(r["auc"])
+    ours = by["DataInf"]
+    means = {m: statistics.fmean(v.values()) for m, v in by.items()}
+    above, level, below = [], [], []
+    for m, v in by.items():
+        if m == "DataInf":
+            continue
+        diffs = [v[s] - ours[s] for s in ours]
+        mean, std = _stats(diffs)
+        half = 2 * std / math.sqrt(len(diffs))
+        (above if mean - half > 0 else below if mean + half < 0 else level).append(m)
+    return means, above, level, below
+
+
+def _standing(above: Sequence[str], level: Sequence[str], below: Sequence[str]) -> str:
+    """The verdict, in bold, then who is ahead of, level with and behind DataInf."""
+    verdict = "loses" if above else "ties" if level else "wins"
+    parts = [
+        f"{what} {_listing(list(names))}"
+        for what, names in (
+            ("behind", above),
+            ("level with", level),
+            ("ahead of", below),
+        )
+        if names
+    ]
+    return f"**{verdict}**: " + "; ".join(parts)
+
+
+def _which_method(res: Results) -> str:
+    rows = []
+    for setup in LDS_SETUPS:
+        r = _lds_setup(res, setup)
+        if r is None:
+            continue
+        ms = r["methods"]
+        best = max(ms, key=lambda m: ms[m]["lds"])
+        groups = [[LDS_LABELS[m] for m in g] for g in _lds_groups(ms)]
+        rows.append(
+            [
+                f"LDS, {_lds_setup_label(r)}",
+                "predicts the test losses of retrained models",
+                f3(ms["datainf"]["lds"]),
+                f"{LDS_LABELS[best]} ({f3(ms[best]['lds'])})",
+                _standing(*groups),
+            ]
+        )
+    doc = res.json(MISLABEL)
+    for ds in doc["config"]["datasets"]:
+        means, above, level, below = _mislabel_standing(doc, ds)
+        best = max(means, key=lambda m: means[m])
+        rows.append(
+            [
+                f"Mislabel detection, {DATASET_LABELS.get(ds, ds)}",
+                "finds flipped labels (AUC)",
+                f3(means["DataInf"]),
+                f"{best} ({f3(means[best])})",
+                _standing(above, level, below),
+            ]
+        )
+    for t in res.json(INFLUENTIAL)["tasks"]:
+        ms = t["methods"]
+        scope = INFLUENTIAL_SCOPES[t["config"]["loss_on"]]
+        ours = f3(ms["datainf"]["recall"])
+        best = max(ms, key=lambda m: ms[m]["recall"])
+        printed = {m: float(f3(v["recall"])) for m, v in ms.items()}
+        above = [
+            INFLUENTIAL_LABELS.get(m, m)
+            for m in sorted(ms, key=lambda m: -printed[m])
+            if printed[m] > printed["datainf"]
+        ]
+        level = [
+            INFLUENTIAL_LABELS.get(m, m)
+            for m in ms
+            if m != "datainf" and printed[m] == printed["datainf"]
+        ]
+        below = [
+            INFLUENTIAL_LABELS.get(m, m)
+            for m in sorted(ms, key=lambda m: -printed[m])
+            if printed[m] < printed["datainf"]
+        ]
+        rows.append(
+            [
+                f"Class detection, {t['task']} ({scope})",
+                "ranks same-class examples first (recall)",
+                ours,
+                f"{INFLUENTIAL_LABELS.get(best, best)} ({f3(ms[best]['recall'])})",
+                _standing(above, level, below),
+            ]
+        )
+    note = (
+        "DataInf against the other methods of each benchmark. **loses**: some "
+        "method is clearly ahead of DataInf; **ties**: none is clearly ahead, "
+        "some are level with it (their difference to DataInf is within the "
+        "noise); **wins**: every other method is clearly behind. Clearly means: for the LDS, the paired 95% "
+        "bootstrap interval of the difference excludes 0; for mislabel "
+        "detection, the mean of the per-seed AUC differences is more than two "
+        "standard errors from 0; class detection is one run without an "
+        "interval, so only values equal to three decimals count as ties."
+    )
+    return "\n\n".join(
+        [
+            note,
+            table(
+                [
+                    "benchmark",
+                    "what it measures",
+                    "DataInf",
+                    "best",
+                    "DataInf's standing",
+                ],
+                rows,
+                "llrll",
+            ),
+            source(LDS, MISLABEL, INFLUENTIAL),
+        ]
+    )
+
+
+PAGE_TABLES["which-method.md"]["which-method"] = _which_method
+
+
 # --- figures quoted in the prose ----------------------------------------------
 
 
@@ -1575,6 +1847,9 @@ def render(name: str, res: Optional[Results] = None) -> str:
     res = res or Results()
     if name == "peers":
         return _peers_full(res)
+    for tables in PAGE_TABLES.values():
+        if name in tables:
+            return tables[name](res)
     if name not in TABLES:
         raise KeyError(
             f"no table named {name!r}; known: {', '.join(sorted(TABLES))}, peers"
@@ -1700,6 +1975,11 @@ PAGE_CLAIMS: Dict[str, List[Claim]] = {
 
 def check(text: str, res: Optional[Results] = None) -> List[str]:
     """Problems of a page: stale tables, unknown tables, figures not backed by a results file."""
+    return check_tables(text, res) + check_claims(text, CLAIMS, res)
+
+
+def check_tables(text: str, res: Optional[Results] = None) -> List[str]:
+    """Problems of the generated regions of any page: stale or unknown tables."""
     res = res or Results()
     problems = []
     for m in regions(text):
@@ -1713,7 +1993,7 @@ def check(text: str, res: Optional[Results] = None) -> List[str]:
             problems.append(
                 f"table {name!r} differs from its results (run docs_tables.py --write)"
             )
-    return problems + check_claims(text, CLAIMS, res)
+    return problems
 
 
 def check_claims(
@@ -1747,22 +2027,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--check", action="store_true", help="exit 1 if the page is stale"
     )
     mode.add_argument("--show", metavar="NAME", help="print one table")
-    ap.add_argument("--page", type=Path, default=PAGE)
+    ap.add_argument(
+        "--page",
+        type=Path,
+        default=None,
+        help="one page (default: docs/benchmarks.md and the pages of PAGE_TABLES)",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     res = Results(args.results)
     if args.show:
         print(render(args.show, res))
         return 0
-    text = args.page.read_text(encoding="utf-8")
-    if args.write:
-        new = update(text, res)
-        if new != text:
-            args.page.write_text(new, encoding="utf-8")
-            print(f"updated {args.page}")
-        else:
-            print(f"{args.page} is up to date")
-    problems = check(args.page.read_text(encoding="utf-8") if args.write else text, res)
+    pages = (
+        [args.page]
+        if args.page
+        else [PAGE] + [ROOT / "docs" / name for name in PAGE_TABLES]
+    )
+    problems = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        if args.write:
+            new = update(text, res)
+            if new != text:
+                page.write_text(new, encoding="utf-8")
+                print(f"updated {page}")
+            else:
+                print(f"{page} is up to date")
+        text = page.read_text(encoding="utf-8") if args.write else text
+        problems += (
+            check(text, res)
+            if page.name == PAGE.name
+            else check_tables(text, res)
+            + check_claims(text, PAGE_CLAIMS.get(page.name, []), res)
+        )
     for p in problems:
         print(p, file=sys.stderr)
     return 1 if problems else 0
