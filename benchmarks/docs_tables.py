@@ -1021,6 +1021,7 @@ LDS_COMMAND = (
 )
 LDS_SETUPS = ("classifier", "causal_lm")
 LDS_LABELS = {**INFLUENTIAL_LABELS, "tracin": "TracIn"}
+LDS_SCOPES = {"answer": "answer", "text": "whole text", "prompt": "prompt"}
 #: tables of pages other than docs/benchmarks.md, by page (file in docs/)
 PAGE_TABLES: Dict[str, Dict[str, Callable[[Results], str]]] = {"which-method.md": {}}
 
@@ -1035,7 +1036,8 @@ def _lds_setup_label(r: Dict[str, Any]) -> str:
         )
     return (
         f"{c['model']} + LoRA r={c['rank']}, {c['task']} ({c['classes']} classes, "
-        f"{c['n_train']} training and {c['n_test']} test examples)"
+        f"{c['n_train']} training and {c['n_test']} test examples, test loss on "
+        f"the {LDS_SCOPES.get(c['test_scope'], c['test_scope'])})"
     )
 
 
@@ -1191,6 +1193,60 @@ def _standing(above: Sequence[str], level: Sequence[str], below: Sequence[str]) 
     return f"**{verdict}**: " + "; ".join(parts)
 
 
+CLASS_SCOPES = {
+    "prompt": "gradients on the prompt, the paper's scope",
+    "answer": "gradients on the answer",
+    "target": "loss on the completion",
+    "sequence": "loss on the whole text",
+}
+"""The class-detection runs the summary shows, by gradient scope or loss."""
+
+
+def _class_detection(
+    res: Results,
+) -> List[Tuple[str, Dict[str, Dict[str, Any]], Optional[int]]]:
+    """`(label, {method: metrics}, test prompts)` of every class-detection run.
+
+    Reads either form of the tutorial's results: runs with several gradient
+    scopes on one adapter (`runs`), or one run per task and loss (`tasks`).
+    """
+    doc = res.json(INFLUENTIAL)
+    out: List[Tuple[str, Dict[str, Dict[str, Any]], Optional[int]]] = []
+    if "runs" in doc:
+        for r in doc["runs"]:
+            cfg = r.get("config", {})
+            n = cfg.get("classes", 0) * cfg.get("n_test_per_class", 0) or None
+            for scope, what in CLASS_SCOPES.items():
+                if scope in r.get("scopes", {}):
+                    out.append(
+                        (f"{r['task']} ({what})", r["scopes"][scope]["methods"], n)
+                    )
+        return out
+    for t in doc["tasks"]:
+        what = CLASS_SCOPES[t["config"]["loss_on"]]
+        out.append((f"{t['task']} ({what})", t["methods"], None))
+    return out
+
+
+def _class_standing(
+    ms: Dict[str, Dict[str, Any]], n_test: Optional[int]
+) -> Tuple[List[str], List[str], List[str]]:
+    """Methods above, level with and below DataInf in class-match AUC."""
+    ours = ms["datainf"]
+    above, level, below = [], [], []
+    for m in sorted(ms, key=lambda m: -ms[m]["auc"]):
+        if m == "datainf":
+            continue
+        v = ms[m]
+        if n_test and "auc_std" in v and "auc_std" in ours:
+            diff = v["auc"] - ours["auc"]
+            half = 2 * math.hypot(v["auc_std"], ours["auc_std"]) / math.sqrt(n_test)
+        else:
+            diff, half = float(f3(v["auc"])) - float(f3(ours["auc"])), 0.0
+        (above if diff > half else below if diff < -half else level).append(m)
+    return above, level, below
+
+
 def _which_method(res: Results) -> str:
     rows = []
     for setup in LDS_SETUPS:
@@ -1222,34 +1278,21 @@ def _which_method(res: Results) -> str:
                 _standing(above, level, below),
             ]
         )
-    for t in res.json(INFLUENTIAL)["tasks"]:
-        ms = t["methods"]
-        scope = INFLUENTIAL_SCOPES[t["config"]["loss_on"]]
-        ours = f3(ms["datainf"]["recall"])
-        best = max(ms, key=lambda m: ms[m]["recall"])
-        printed = {m: float(f3(v["recall"])) for m, v in ms.items()}
-        above = [
-            INFLUENTIAL_LABELS.get(m, m)
-            for m in sorted(ms, key=lambda m: -printed[m])
-            if printed[m] > printed["datainf"]
-        ]
-        level = [
-            INFLUENTIAL_LABELS.get(m, m)
-            for m in ms
-            if m != "datainf" and printed[m] == printed["datainf"]
-        ]
-        below = [
-            INFLUENTIAL_LABELS.get(m, m)
-            for m in sorted(ms, key=lambda m: -printed[m])
-            if printed[m] < printed["datainf"]
-        ]
+    for label, ms, n_test in _class_detection(res):
+        above, level, below = _class_standing(ms, n_test)
+        best = max(ms, key=lambda m: ms[m]["auc"])
         rows.append(
             [
-                f"Class detection, {t['task']} ({scope})",
-                "ranks same-class examples first (recall)",
-                ours,
-                f"{INFLUENTIAL_LABELS.get(best, best)} ({f3(ms[best]['recall'])})",
-                _standing(above, level, below),
+                f"Class detection, {label}",
+                "ranks same-class examples first (AUC)",
+                f3(ms["datainf"]["auc"]),
+                f"{INFLUENTIAL_LABELS.get(best, best)} ({f3(ms[best]['auc'])})",
+                _standing(
+                    *(
+                        [INFLUENTIAL_LABELS.get(m, m) for m in g]
+                        for g in (above, level, below)
+                    )
+                ),
             ]
         )
     note = (
@@ -1259,8 +1302,10 @@ def _which_method(res: Results) -> str:
         "noise); **wins**: every other method is clearly behind. Clearly means: for the LDS, the paired 95% "
         "bootstrap interval of the difference excludes 0; for mislabel "
         "detection, the mean of the per-seed AUC differences is more than two "
-        "standard errors from 0; class detection is one run without an "
-        "interval, so only values equal to three decimals count as ties."
+        "standard errors from 0; for class detection, the difference of the mean "
+        "AUCs over the test prompts is more than two standard errors from 0 "
+        "(unpaired; where a run recorded no spread, only values equal to three "
+        "decimals count as ties)."
     )
     return "\n\n".join(
         [

@@ -112,7 +112,7 @@ def _record(setup: str, diffs: Dict[str, tuple]) -> Dict[str, Any]:
         config["dataset"] = "sms"
         quality = {"test_accuracy": 0.9}
     else:
-        config.update(task="t", classes=2)
+        config.update(task="t", classes=2, test_scope="answer")
         quality = {"test_loss": 1.0}
     return {
         "setup": setup,
@@ -190,3 +190,41 @@ def test_cli_writes_and_checks_every_page(tmp_path: Path) -> None:
     assert docs_tables.main(["--check", "--page", str(target)]) == 1
     assert docs_tables.main(["--write", "--page", str(target)]) == 0
     assert target.read_text(encoding="utf-8") == stale
+
+
+def test_class_detection_reads_the_paper_protocol_runs(
+    results_copy: docs_tables.Results,
+) -> None:
+    """Runs with gradient scopes and spreads over test prompts: unpaired 2 SE."""
+
+    def m(auc: float, std: float) -> Dict[str, float]:
+        return {"auc": auc, "auc_std": std, "recall": auc, "recall_std": std}
+
+    doc = {
+        "runs": [
+            {
+                "task": "t",
+                "config": {"classes": 4, "n_test_per_class": 25},  # 100 prompts
+                "scopes": {
+                    # 2 SE of the difference: 2 * hypot(0.1, 0.1) / 10 = 0.028
+                    "prompt": {
+                        "methods": {"datainf": m(0.99, 0.1), "exact": m(0.97, 0.1)}
+                    },
+                    "answer": {
+                        "methods": {"datainf": m(0.80, 0.1), "exact": m(0.85, 0.1)}
+                    },
+                    "text": {"methods": {"datainf": m(0.5, 0.1), "exact": m(0.5, 0.1)}},
+                },
+            }
+        ]
+    }
+    results_copy.path(docs_tables.INFLUENTIAL).write_text(json.dumps(doc))
+    rows = [
+        line
+        for line in docs_tables.render("which-method", results_copy).splitlines()
+        if line.startswith("| Class detection")
+    ]
+    assert len(rows) == 2  # the paper's scope and the answer
+    assert "(gradients on the prompt, the paper's scope)" in rows[0]
+    assert rows[0].endswith("| **ties**: level with Exact inverse |")
+    assert rows[1].endswith("| **loses**: behind Exact inverse |")

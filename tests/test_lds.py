@@ -8,10 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from pydvl_datainf.experiments import lds
 from pydvl_datainf.experiments.baselines import hessian_free_influences
+from pydvl_datainf.experiments.finetune import load_tokenizer
+from pydvl_datainf.experiments.generative_tasks import paper_task
+from pydvl_datainf.experiments.llm import FineTuning
 
 
 # --------------------------------------------------------------- subsets
@@ -314,13 +322,51 @@ def test_setups_check_their_arguments() -> None:
         lds.classifier_lds("sms", methods=["datainf", "trak"], progress=False)
     with pytest.raises(ValueError, match="mode"):
         lds.run("classifier", mode="quick")
-    with pytest.raises(ValueError, match="Unknown task"):
-        lds.generative_split("poetry", 2, 2, 1)
+    tiny = (None, None)
+    with pytest.raises(ValueError, match="updates=None"):
+        lds.causal_lm_lds(None, None, recipe=FineTuning(), base=tiny)  # type: ignore[arg-type]
 
 
-def test_generative_split_per_class() -> None:
-    train, test = lds.generative_split("math with reasoning", 3, 4, 2, seed=1)
-    assert np.bincount(train.classes).tolist() == [4, 4, 4]
-    assert np.bincount(test.classes).tolist() == [2, 2, 2]
-    again, _ = lds.generative_split("math with reasoning", 3, 4, 2, seed=1)
-    assert again.prompts == train.prompts
+def _tiny_llama() -> tuple:
+    tokenizer = load_tokenizer()
+    tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    return llama, tokenizer
+
+
+def test_causal_lm_setup_reduced() -> None:
+    """Every method on a tiny Llama; the base model comes back without adapters."""
+    llama, tokenizer = _tiny_llama()
+    names = [n for n, _ in llama.named_parameters()]
+    train, test = paper_task("math without reasoning", n_train=4, n_test=1, classes=2)
+    recipe = FineTuning(rank=2, updates=None, epochs=2, batch_size=4, lr=1e-2)
+    record = lds.causal_lm_lds(
+        train,
+        test,
+        recipe=recipe,
+        n_subsets=4,
+        checkpoints=2,
+        lissa_iterations=5,
+        resamples=50,
+        base=(llama, tokenizer),
+        progress=False,
+    )
+    assert list(record["methods"]) == list(lds.METHODS)
+    assert np.asarray(record["losses"]).shape == (4, 2)
+    assert record["config"]["updates"] == 4
+    assert [c["step"] for c in record["config"]["checkpoints"]] == [2, 4]
+    assert record["config"]["train_scope"] == "text"
+    assert record["config"]["test_scope"] == "answer"
+    for m, v in record["methods"].items():
+        assert v["ci"][0] <= v["lds"] <= v["ci"][1], m
+    assert [n for n, _ in llama.named_parameters()] == names  # adapters removed

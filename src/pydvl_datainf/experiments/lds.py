@@ -101,19 +101,14 @@ from pydvl_datainf.influence import DataInfInfluence
 from . import baselines, llm
 from .datasets import TextDataset
 from .finetune import lora_classifier, predict, train_classifier
-from .generative_tasks import (
-    TRANSFORMATIONS,
-    GenerativeTask,
-    math_problems,
-    sentence_transformations,
-    split_per_class,
-)
+from .generative_tasks import GenerativeTask, paper_task
 from .llm import (
-    encode_task,
+    FineTuning,
+    encode_scope,
     evaluate_causal_lm,
+    finetune_lora,
     load_smollm2,
-    lora_causal_lm,
-    train_causal_lm,
+    unload_lora,
 )
 from .pipelines import compare_methods, fit_datainf, mislabel_task
 
@@ -131,9 +126,9 @@ __all__ = [
     "retrain_losses",
     "classifier_lds",
     "causal_lm_lds",
+    "LDS_FINETUNING",
     "FULL",
     "REDUCED",
-    "generative_split",
     "run",
     "save",
     "main",
@@ -880,52 +875,53 @@ def classifier_lds(
 
 
 # ------------------------------------------------ setup (b): causal LM, LoRA
+LDS_FINETUNING = FineTuning(updates=None, epochs=2, batch_size=4)
+r"""The causal LM's recipe for the LDS: the paper's (LoRA rank 8, $\alpha = 32$,
+dropout 0.05 on query and value, the loss on the whole text, AdamW at
+$3 \cdot 10^{-4}$ falling linearly to 0), in 2 epochs of batches of 4 rather
+than 10 updates of 64, so that 32 retrainings fit on a CPU."""
+
+
 def causal_lm_lds(
     train: GenerativeTask,
     test: GenerativeTask,
     *,
+    recipe: FineTuning = LDS_FINETUNING,
+    test_scope: str = "answer",
     n_subsets: int = 32,
     fraction: float = 0.5,
-    epochs: int = 4,
-    lr: float = 3e-4,
-    batch_size: int = 64,
-    rank: int = 8,
-    alpha: float = 32.0,
-    loss_on: str = "sequence",
-    max_length: int = 96,
+    checkpoints: int = 3,
     methods: Sequence[str] = METHODS,
     lissa_iterations: int = 100,
     resamples: int = 1000,
     base: Optional[Tuple[nn.Module, Any]] = None,
-    seed: int = 0,
+    micro_batch: int = 16,
     progress: bool = True,
 ) -> Dict[str, Any]:
     """LDS of every method for a LoRA-fine-tuned causal language model.
 
-    Fine-tunes LoRA adapters (on the query and value projections) on the
-    training examples with
-    [train_causal_lm][pydvl_datainf.experiments.llm.train_causal_lm], saving
-    a checkpoint after every epoch; scores every method with
+    Fine-tunes LoRA adapters by `recipe` with
+    [finetune_lora][pydvl_datainf.experiments.llm.finetune_lora], saving
+    `checkpoints` evenly spaced checkpoints; scores every method with
     [influence_scores][pydvl_datainf.experiments.llm.influence_scores]
-    (EK-FAC fitted under the same loss) plus TracIn; then retrains the same
-    fine-tuning (same seed, epochs, batch size and learning rate) on each
-    subset. The loss of the gradients, of the fine-tuning and of the measured
-    test losses is the same: the mean cross-entropy of the tokens `loss_on`
-    selects (see [encode_task][pydvl_datainf.experiments.llm.encode_task]).
+    (EK-FAC fitted under the training loss) plus TracIn; then retrains the
+    same recipe (same seed, epochs, batch size and learning rate) on each
+    subset. The training gradients are those of the fine-tuning loss (the
+    tokens of `recipe.scope`); the test losses, measured and differentiated
+    alike, score the tokens of `test_scope` (by default the answer: which
+    training examples make the model give this answer).
 
     Args:
         train: the training examples.
         test: the test examples.
+        recipe: the fine-tuning (see [FineTuning][pydvl_datainf.experiments.llm.FineTuning]);
+            it must train by epochs (`updates=None`).
+        test_scope: the tokens of the test loss (see
+            [GRADIENT_SCOPES][pydvl_datainf.experiments.llm.GRADIENT_SCOPES]).
         n_subsets: retrained subsets $M$.
         fraction: the share of the training set in each subset.
-        epochs: fine-tuning epochs.
-        lr: AdamW's peak learning rate (linear decay).
-        batch_size: fine-tuning batch size.
-        rank: LoRA rank.
-        alpha: LoRA's `lora_alpha`.
-        loss_on: `"sequence"` (every token of prompt and completion) or
-            `"target"` (the completion only).
-        max_length: the longest example allowed, in tokens.
+        checkpoints: TracIn's checkpoints, evenly spaced over the updates
+            of the full fine-tuning (the last one is the final model).
         methods: a subset of [METHODS][pydvl_datainf.experiments.lds.METHODS]
             with `"datainf"`.
         lissa_iterations: LiSSA's recursion depth.
@@ -933,7 +929,7 @@ def causal_lm_lds(
         base: `(model, tokenizer)`, e.g. from
             [load_smollm2][pydvl_datainf.experiments.llm.load_smollm2]
             (loaded if omitted); the adapters are removed again at the end.
-        seed: seed of the adapters, the batches and the subsets.
+        micro_batch: rows per forward pass of the fine-tuning.
         progress: show progress bars.
 
     Returns:
@@ -944,72 +940,64 @@ def causal_lm_lds(
         ```python
         from transformers import LlamaConfig, LlamaForCausalLM
         from pydvl_datainf.experiments.finetune import load_tokenizer
-        from pydvl_datainf.experiments.generative_tasks import (
-            math_problems, split_per_class,
-        )
+        from pydvl_datainf.experiments.generative_tasks import paper_task
         from pydvl_datainf.experiments.lds import causal_lm_lds
+        from pydvl_datainf.experiments.llm import FineTuning
 
         # SmolLM2 by default (load_smollm2); here a tiny random Llama, and MiniLM's
-        # tokenizer with [SEP] as its end-of-sequence token
+        # tokenizer with [CLS] and [SEP] as its BOS and EOS tokens
         tokenizer = load_tokenizer()
-        tokenizer.eos_token = "[SEP]"
+        tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"
         tiny_llama = LlamaForCausalLM(LlamaConfig(
             vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
         ))
-        train, test = split_per_class(math_problems(5, classes=["boxes", "buy more"]), 1)
-        r = causal_lm_lds(train, test, n_subsets=4, epochs=1, batch_size=4, rank=2,
-                          lr=1e-2, resamples=50, base=(tiny_llama, tokenizer),
+        train, test = paper_task("math without reasoning", n_train=4, n_test=1,
+                                 classes=2)
+        recipe = FineTuning(rank=2, updates=None, epochs=1, batch_size=4, lr=1e-2)
+        r = causal_lm_lds(train, test, recipe=recipe, n_subsets=4, resamples=50,
+                          base=(tiny_llama, tokenizer),
                           methods=["datainf", "cosine", "tracin"], progress=False)
         assert r["metric"]["subset_size"] == 4 and len(r["losses"]) == 4
         print(r["methods"]["datainf"]["lds"], r["methods"]["datainf"]["ci"])
         ```
     """
     _check_methods(methods)
+    if recipe.updates is not None:
+        raise ValueError(
+            "The LDS retrains the same epochs on every subset: give a recipe "
+            "with updates=None"
+        )
     clock = _Clock()
     name = "SmolLM2-135M" if base is None else type(base[0]).__name__
     if base is None:
         with clock("load"):
             base = load_smollm2()
-    model, tokenizer = base
-    x, y = encode_task(tokenizer, train, max_length, loss_on)
-    xt, yt = encode_task(tokenizer, test, max_length, loss_on)
-    steps_per_epoch = math.ceil(len(x) / batch_size)
+    tokenizer = base[1]
+    x, y = encode_scope(tokenizer, train, recipe.scope)
+    xt, yt = encode_scope(tokenizer, test, test_scope)
+    every = max(1, math.ceil(len(recipe.batches(len(train))) / checkpoints))
 
     def fine_tune(rows: Optional[np.ndarray]) -> Tuple[CausalLMWrapper, List[float]]:
-        lm = lora_causal_lm(model, rank=rank, alpha=alpha, seed=seed)
-        xs, ys = (x, y) if rows is None else (x[rows], y[rows])
-        try:
-            epoch_losses = train_causal_lm(
-                lm,
-                xs,
-                ys,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                progress=progress and rows is None,
-            )
-        except BaseException:
-            lm.model.unload()  # type: ignore[operator]
-            raise
-        return lm, epoch_losses
+        data = train if rows is None else train.subset(rows.tolist())
+        return finetune_lora(
+            base, data, recipe, micro_batch, progress=progress and rows is None
+        )
 
-    with clock("fine-tuning"), record_checkpoints(steps_per_epoch) as checkpoints:
-        lm, epoch_losses = fine_tune(None)
+    with clock("fine-tuning"), record_checkpoints(every) as saved:
+        lm, update_losses = fine_tune(None)
     try:
         full = evaluate_causal_lm(lm, xt, yt)
         with clock("methods"):
-            standard = [m for m in methods if m in llm.METHODS]
             got, seconds = llm.influence_scores(
                 lm,
                 x,
                 y,
                 xt,
                 yt,
-                methods=standard,
+                methods=[m for m in methods if m in llm.METHODS],
                 lissa_iterations=lissa_iterations,
-                seed=seed,
+                seed=recipe.seed,
                 progress=progress,
             )
         # llm.influence_scores gives the cosine too: only TracIn is added
@@ -1019,21 +1007,21 @@ def causal_lm_lds(
             methods,
             {},
             {},
-            checkpoints,
+            saved,
             lambda: _gradients(lm, causal_lm_loss, x, y, xt, yt, 16, progress),
             clock,
         )
     finally:
-        lm.model.unload()  # type: ignore[operator]
+        unload_lora(lm)
 
     def retrain(rows: np.ndarray) -> np.ndarray:
         net, _ = fine_tune(rows)
         try:
             return evaluate_causal_lm(net, xt, yt)["loss"]
         finally:
-            net.model.unload()  # type: ignore[operator]
+            unload_lora(net)
 
-    masks = subset_masks(len(x), n_subsets, fraction, seed)
+    masks = subset_masks(len(train), n_subsets, fraction, recipe.seed)
     with clock("retraining"):
         losses = retrain_losses(retrain, masks, progress)
     record: Dict[str, Any] = {
@@ -1045,27 +1033,28 @@ def causal_lm_lds(
             "n_train": len(train),
             "n_test": len(test),
             "fraction": fraction,
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "updates": epochs * steps_per_epoch,
-            "rank": rank,
-            "alpha": alpha,
-            "loss_on": loss_on,
+            "recipe": recipe.as_dict(),
+            "epochs": recipe.epochs,
+            "lr": recipe.lr,
+            "batch_size": recipe.batch_size,
+            "rank": recipe.rank,
+            "updates": len(recipe.batches(len(train))),
+            "train_scope": recipe.scope,
+            "test_scope": test_scope,
             "max_tokens": int(unpack_inputs(x)[1].sum(1).max()),
             "methods": list(methods),
             "lissa_iterations": lissa_iterations,
-            "checkpoints": [{"step": c.step, "lr": c.lr} for c in checkpoints],
-            "seed": seed,
+            "checkpoints": [{"step": c.step, "lr": c.lr} for c in saved],
+            "seed": recipe.seed,
         },
         "quality": {
             "test_loss": float(full["loss"].mean()),
             "test_exact": float(full["exact"].mean()),
-            "epoch_losses": epoch_losses,
+            "update_losses": update_losses,
             "subset_test_loss": float(losses.mean()),
         },
     }
-    record.update(_summary(scores, masks, losses, resamples, seed))
+    record.update(_summary(scores, masks, losses, resamples, recipe.seed))
     record["seconds"] = clock.record()
     record["method_seconds"] = method_seconds
     return record
@@ -1075,23 +1064,24 @@ def causal_lm_lds(
 FULL = {
     "classifier": dict(
         dataset="bbc",
-        n_train=128,
-        n_test=64,
+        n_train=96,
+        n_test=48,
         n_subsets=32,
         epochs=3,
         batch_size=8,
-        max_length=48,
+        max_length=32,
     ),
     "causal_lm": dict(
         task="sentence transformations",
         classes=4,
-        n_train_per_class=40,
-        n_test_per_class=10,
+        n_train=6,
+        n_test=4,
         n_subsets=32,
-        epochs=4,
+        checkpoints=3,
     ),
 }
-"""The settings of the full runs, by setup."""
+"""The settings of the full runs, by setup (for the causal LM: examples per
+class; the recipe is [LDS_FINETUNING][pydvl_datainf.experiments.lds.LDS_FINETUNING])."""
 
 REDUCED = {
     "classifier": dict(
@@ -1105,53 +1095,17 @@ REDUCED = {
         lissa_iterations=10,
     ),
     "causal_lm": dict(
-        task="sentence transformations",
+        task="math without reasoning",
         classes=2,
-        n_train_per_class=4,
-        n_test_per_class=2,
+        n_train=4,
+        n_test=2,
         n_subsets=4,
-        epochs=1,
-        batch_size=4,
+        recipe=FineTuning(updates=None, epochs=1, batch_size=4),
         resamples=100,
         lissa_iterations=10,
     ),
 }
 """The settings of the reduced runs (a smoke test of the whole pipeline)."""
-
-
-def generative_split(
-    task: str,
-    classes: int,
-    n_train_per_class: int,
-    n_test_per_class: int,
-    seed: int = 0,
-) -> Tuple[GenerativeTask, GenerativeTask]:
-    """Training and test examples of a generative task, the first `classes` classes.
-
-    Example:
-        ```python
-        from pydvl_datainf.experiments.lds import generative_split
-
-        train, test = generative_split("math without reasoning", 3, 5, 2)
-        assert (len(train), len(test)) == (15, 6)
-        ```
-    """
-    if task == "sentence transformations":
-        names = list(TRANSFORMATIONS)[:classes]
-        data = sentence_transformations(
-            n_train_per_class + n_test_per_class, seed=seed, classes=names
-        )
-    elif task in ("math without reasoning", "math with reasoning"):
-        names = math_problems(1, seed=seed).class_names[:classes]
-        data = math_problems(
-            n_train_per_class + n_test_per_class,
-            reasoning=task == "math with reasoning",
-            seed=seed,
-            classes=names,
-        )
-    else:
-        raise ValueError(f"Unknown task {task!r}; choose among {list(llm.TASKS)}")
-    return split_per_class(data, n_test_per_class)
 
 
 def run(setup: str, mode: str = "full", progress: bool = True) -> Dict[str, Any]:
@@ -1168,11 +1122,11 @@ def run(setup: str, mode: str = "full", progress: bool = True) -> Dict[str, Any]
     if setup == "classifier":
         record = classifier_lds(progress=progress, **settings)  # type: ignore[arg-type]
     elif setup == "causal_lm":
-        train, test = generative_split(
+        train, test = paper_task(
             str(settings.pop("task")),
-            int(settings.pop("classes")),  # type: ignore[call-overload]
-            int(settings.pop("n_train_per_class")),  # type: ignore[call-overload]
-            int(settings.pop("n_test_per_class")),  # type: ignore[call-overload]
+            n_train=int(settings.pop("n_train")),  # type: ignore[call-overload]
+            n_test=int(settings.pop("n_test")),  # type: ignore[call-overload]
+            classes=int(settings.pop("classes")),  # type: ignore[call-overload]
         )
         record = causal_lm_lds(train, test, progress=progress, **settings)  # type: ignore[arg-type]
     else:
