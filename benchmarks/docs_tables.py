@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from scipy.stats import t as student_t
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NOTEBOOK_RESULTS = ROOT / "notebooks" / "results"
@@ -1036,8 +1038,9 @@ def _lds_setup_label(r: Dict[str, Any]) -> str:
         )
     return (
         f"{c['model']} + LoRA r={c['rank']}, {c['task']} ({c['classes']} classes, "
-        f"{c['n_train']} training and {c['n_test']} test examples, test loss on "
-        f"the {LDS_SCOPES.get(c['test_scope'], c['test_scope'])})"
+        f"{c['n_train']} training and {c['n_test']} test examples, training "
+        f"loss on the {LDS_SCOPES.get(c['train_scope'], c['train_scope'])}, test "
+        f"loss on the {LDS_SCOPES.get(c['test_scope'], c['test_scope'])})"
     )
 
 
@@ -1106,16 +1109,20 @@ def _lds_table(res: Results) -> str:
             parts.append(f"clearly above {_listing(names['below'])}")
         c, metric, q = r["config"], r["metric"], r["quality"]
         quality = (
-            f"test accuracy {f3(q['test_accuracy'])}"
+            f"test accuracy {f3(q['test_accuracy'])}, "
             if "test_accuracy" in q
-            else f"mean test loss {f3(q['test_loss'])}"
+            else f"exact match on the test prompts {f3(q['test_exact'])}, "
+        ) + (
+            f"mean test loss {f3(q['test_loss'])}, against "
+            f"{f3(q['subset_test_loss'])} for the models retrained on the subsets"
         )
         out.append(
             f"**{_lds_setup_label(r)}**: {metric['n_subsets']} subsets of "
             f"{metric['subset_size']}, {c['epochs']} epochs (batch {c['batch_size']}, "
             f"learning rate {c['lr']:g}) on each; the model fine-tuned on the whole "
             f"set ({quality}) gives the scores; TracIn over "
-            f"{len(c['checkpoints'])} checkpoints."
+            f"{len(c['checkpoints'])} checkpoints. The whole run took "
+            f"{r['seconds']['total']['cpu'] / 60:.0f} minutes of CPU time."
         )
         out.append(
             table(
@@ -1124,10 +1131,9 @@ def _lds_table(res: Results) -> str:
                     "LDS",
                     "95% interval",
                     "minus DataInf (95% interval)",
-                    "seconds",
                 ],
                 rows,
-                "lrrrr",
+                "lrrr",
             )
         )
         out.append("* " + "; ".join(parts) + ".")
@@ -1158,8 +1164,9 @@ def _mislabel_standing(
 ) -> Tuple[Dict[str, float], List[str], List[str], List[str]]:
     """Mean AUC per method; methods above, level with, below DataInf.
 
-    Paired over seeds: a method is above (below) DataInf when the mean of its
-    per-seed AUC differences is more than two standard errors above (below) 0.
+    Paired over seeds: a method is above (below) DataInf when the 95%
+    t-interval of the mean of its per-seed AUC differences lies above
+    (below) 0.
     """
     runs = [r for r in _mislabel_main(doc) if r["dataset"] == dataset]
     by: Dict[str, Dict[int, float]] = {}
@@ -1173,7 +1180,7 @@ def _mislabel_standing(
             continue
         diffs = [v[s] - ours[s] for s in ours]
         mean, std = _stats(diffs)
-        half = 2 * std / math.sqrt(len(diffs))
+        half = student_t.ppf(0.975, len(diffs) - 1) * std / math.sqrt(len(diffs))
         (above if mean - half > 0 else below if mean + half < 0 else level).append(m)
     return means, above, level, below
 
@@ -1247,62 +1254,112 @@ def _class_standing(
     return above, level, below
 
 
-def _which_method(res: Results) -> str:
-    rows = []
+@dataclass(frozen=True)
+class Standing:
+    """DataInf on one benchmark: its value, the best method's, who is ahead."""
+
+    benchmark: str
+    measures: str
+    datainf: float
+    best: str
+    best_value: float
+    above: Tuple[str, ...]
+    level: Tuple[str, ...]
+    below: Tuple[str, ...]
+
+    @property
+    def verdict(self) -> str:
+        """`loses`, `ties` or `wins`."""
+        return "loses" if self.above else "ties" if self.level else "wins"
+
+
+def standings(res: Results) -> List[Standing]:
+    """DataInf's standing on every benchmark of the summary, in table order."""
+    out: List[Standing] = []
     for setup in LDS_SETUPS:
         r = _lds_setup(res, setup)
         if r is None:
             continue
         ms = r["methods"]
         best = max(ms, key=lambda m: ms[m]["lds"])
-        groups = [[LDS_LABELS[m] for m in g] for g in _lds_groups(ms)]
-        rows.append(
-            [
+        groups = [tuple(LDS_LABELS[m] for m in g) for g in _lds_groups(ms)]
+        out.append(
+            Standing(
                 f"LDS, {_lds_setup_label(r)}",
                 "predicts the test losses of retrained models",
-                f3(ms["datainf"]["lds"]),
-                f"{LDS_LABELS[best]} ({f3(ms[best]['lds'])})",
-                _standing(*groups),
-            ]
+                ms["datainf"]["lds"],
+                LDS_LABELS[best],
+                ms[best]["lds"],
+                *groups,
+            )
         )
     doc = res.json(MISLABEL)
     for ds in doc["config"]["datasets"]:
         means, above, level, below = _mislabel_standing(doc, ds)
         best = max(means, key=lambda m: means[m])
-        rows.append(
-            [
+        out.append(
+            Standing(
                 f"Mislabel detection, {DATASET_LABELS.get(ds, ds)}",
                 "finds flipped labels (AUC)",
-                f3(means["DataInf"]),
-                f"{best} ({f3(means[best])})",
-                _standing(above, level, below),
-            ]
+                means["DataInf"],
+                best,
+                means[best],
+                tuple(above),
+                tuple(level),
+                tuple(below),
+            )
         )
     for label, ms, n_test in _class_detection(res):
-        above, level, below = _class_standing(ms, n_test)
         best = max(ms, key=lambda m: ms[m]["auc"])
-        rows.append(
-            [
+        groups = [
+            tuple(INFLUENTIAL_LABELS.get(m, m) for m in g)
+            for g in _class_standing(ms, n_test)
+        ]
+        out.append(
+            Standing(
                 f"Class detection, {label}",
                 "ranks same-class examples first (AUC)",
-                f3(ms["datainf"]["auc"]),
-                f"{INFLUENTIAL_LABELS.get(best, best)} ({f3(ms[best]['auc'])})",
-                _standing(
-                    *(
-                        [INFLUENTIAL_LABELS.get(m, m) for m in g]
-                        for g in (above, level, below)
-                    )
-                ),
-            ]
+                ms["datainf"]["auc"],
+                INFLUENTIAL_LABELS.get(best, best),
+                ms[best]["auc"],
+                *groups,
+            )
         )
+    return out
+
+
+def _which_method(res: Results) -> str:
+    found = standings(res)
+    rows = [
+        [
+            s.benchmark,
+            s.measures,
+            f3(s.datainf),
+            f"{s.best} ({f3(s.best_value)})",
+            _standing(s.above, s.level, s.below),
+        ]
+        for s in found
+    ]
+    verdicts = [
+        f"* DataInf **{verdict}** on "
+        + (
+            f"{len(hits)} of the {len(found)} benchmarks: "
+            + "; ".join(s.benchmark for s in hits)
+            + "."
+            if hits
+            else f"none of the {len(found)} benchmarks."
+        )
+        for verdict in ("wins", "ties", "loses")
+        for hits in [[s for s in found if s.verdict == verdict]]
+    ]
     note = (
         "DataInf against the other methods of each benchmark. **loses**: some "
         "method is clearly ahead of DataInf; **ties**: none is clearly ahead, "
         "some are level with it (their difference to DataInf is within the "
         "noise); **wins**: every other method is clearly behind. Clearly means: for the LDS, the paired 95% "
         "bootstrap interval of the difference excludes 0; for mislabel "
-        "detection, the mean of the per-seed AUC differences is more than two "
-        "standard errors from 0; for class detection, the difference of the mean "
+        "detection, the 95% t-interval of the mean per-seed AUC difference "
+        "excludes 0; for class detection, the difference of the mean "
         "AUCs over the test prompts is more than two standard errors from 0 "
         "(unpaired; where a run recorded no spread, only values equal to three "
         "decimals count as ties)."
@@ -1321,6 +1378,7 @@ def _which_method(res: Results) -> str:
                 rows,
                 "llrll",
             ),
+            "\n".join(verdicts),
             source(LDS, MISLABEL, INFLUENTIAL),
         ]
     )
@@ -2016,6 +2074,127 @@ PAGE_CLAIMS: Dict[str, List[Claim]] = {
     ],
 }
 """Figures quoted in other pages of `docs/`, by page: checked by the tests."""
+
+
+def _standing_of(res: Results, prefix: str) -> Standing:
+    """The first benchmark of the summary whose name starts with `prefix`."""
+    for s in standings(res):
+        if s.benchmark.startswith(prefix):
+            return s
+    raise KeyError(f"no benchmark of the summary starts with {prefix!r}")
+
+
+def _verdict(prefix: str) -> Callable[[Results], str]:
+    """`DataInf loses` (or ties, wins) on the first benchmark named `prefix...`."""
+    return lambda res: f"DataInf {_standing_of(res, prefix).verdict}"
+
+
+def _best(prefix: str) -> Callable[[Results], str]:
+    """`best: X` on the first benchmark named `prefix...`."""
+    return lambda res: f"best: {_standing_of(res, prefix).best}"
+
+
+def _lds_of(res: Results, setup: str) -> Dict[str, Any]:
+    r = _lds_setup(res, setup)
+    if r is None:
+        raise KeyError(f"no LDS results for the {setup} setup")
+    return r
+
+
+def _lds_end(setup: str, first: bool) -> Callable[[Results], str]:
+    """`X ranks first` or `X ranks last` in the LDS of a setup."""
+
+    def get(res: Results) -> str:
+        ms = _lds_of(res, setup)["methods"]
+        m = (max if first else min)(ms, key=lambda k: ms[k]["lds"])
+        return f"{LDS_LABELS[m]} ranks {'first' if first else 'last'}"
+
+    return get
+
+
+def _relation(setup: str, method: str) -> Callable[[Results], str]:
+    """`X is clearly above DataInf` (or level with, clearly below) in an LDS."""
+
+    def get(res: Results) -> str:
+        above, level, _ = _lds_groups(_lds_of(res, setup)["methods"])
+        where = (
+            "clearly above"
+            if method in above
+            else "level with"
+            if method in level
+            else "clearly below"
+        )
+        return f"{LDS_LABELS[method]} is {where} DataInf"
+
+    return get
+
+
+def _answers(setup: str) -> Callable[[Results], str]:
+    """How many test prompts the fine-tuned language model answers exactly."""
+
+    def get(res: Results) -> str:
+        exact = float(_lds_of(res, setup)["quality"]["test_exact"])
+        return "none of" if exact == 0 else "all of" if exact == 1 else "some of"
+
+    return get
+
+
+PAGE_CLAIMS["which-method.md"] = [
+    Claim(
+        "On the MiniLM classifier's LDS, DataInf loses",
+        LDS,
+        _verdict("LDS, MiniLM"),
+    ),
+    Claim("TracIn ranks first", LDS, _lds_end("classifier", first=True)),
+    Claim("Exact inverse ranks last", LDS, _lds_end("classifier", first=False)),
+    Claim(
+        "On the SmolLM2 language model's LDS, DataInf ties",
+        LDS,
+        _verdict("LDS, SmolLM2"),
+    ),
+    Claim(
+        "LiSSA ranks first and Exact inverse ranks last",
+        LDS,
+        _lds_end("causal_lm", first=True),
+    ),
+    Claim(
+        "LiSSA ranks first and Exact inverse ranks last",
+        LDS,
+        _lds_end("causal_lm", first=False),
+    ),
+    Claim(
+        "on the classifier, Hessian-free is clearly above DataInf",
+        LDS,
+        _relation("classifier", "hessian_free"),
+    ),
+    Claim(
+        "on the language model, Hessian-free is clearly below DataInf",
+        LDS,
+        _relation("causal_lm", "hessian_free"),
+    ),
+    Claim(
+        "and EK-FAC is level with DataInf",
+        LDS,
+        _relation("causal_lm", "ekfac"),
+    ),
+    Claim(
+        "on the language model, LiSSA is level with DataInf",
+        LDS,
+        _relation("causal_lm", "lissa"),
+    ),
+    Claim(
+        "it answers none of the test prompts exactly",
+        LDS,
+        _answers("causal_lm"),
+    ),
+    Claim(
+        "On BBC News DataInf loses",
+        MISLABEL,
+        _verdict("Mislabel detection, BBC News"),
+    ),
+    Claim("best: Training loss", MISLABEL, _best("Mislabel detection, BBC News")),
+]
+"""The statements of the guidance on docs/which-method.md."""
 
 
 def check(text: str, res: Optional[Results] = None) -> List[str]:

@@ -85,7 +85,7 @@ def test_missing_lds_results_render_a_rerun_note(
     text = docs_tables.render("lds", results_copy)
     assert text.count("Not in the repository yet") == 2
     assert "--setup causal_lm" in text and "--setup classifier" in text
-    assert "LDS," not in docs_tables.render("which-method", results_copy)
+    assert "| LDS," not in docs_tables.render("which-method", results_copy)
 
 
 def _record(setup: str, diffs: Dict[str, tuple]) -> Dict[str, Any]:
@@ -112,7 +112,7 @@ def _record(setup: str, diffs: Dict[str, tuple]) -> Dict[str, Any]:
         config["dataset"] = "sms"
         quality = {"test_accuracy": 0.9}
     else:
-        config.update(task="t", classes=2, test_scope="answer")
+        config.update(task="t", classes=2, train_scope="text", test_scope="answer")
         quality = {"test_loss": 1.0}
     return {
         "setup": setup,
@@ -228,3 +228,19 @@ def test_class_detection_reads_the_paper_protocol_runs(
     assert "(gradients on the prompt, the paper's scope)" in rows[0]
     assert rows[0].endswith("| **ties**: level with Exact inverse |")
     assert rows[1].endswith("| **loses**: behind Exact inverse |")
+
+
+def test_guidance_statements_follow_the_results(
+    page: str, results_copy: docs_tables.Results
+) -> None:
+    claims = docs_tables.PAGE_CLAIMS[NAME]
+    assert docs_tables.check_claims(page, claims, results_copy) == []
+    path = results_copy.path(docs_tables.LDS)
+    doc = json.loads(path.read_text())
+    ms = doc["setups"]["classifier"]["methods"]
+    ms["tracin"]["lds"] = -1.0  # now last, not first
+    ms["tracin"]["difference_ci"] = [-2.0, -1.5]
+    path.write_text(json.dumps(doc))
+    problems = docs_tables.check_claims(page, claims, results_copy)
+    assert any("TracIn ranks first" in p for p in problems), problems
+    assert any("Exact inverse ranks last" in p for p in problems), problems
