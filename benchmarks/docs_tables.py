@@ -1208,30 +1208,34 @@ CLASS_SCOPES = {
 }
 """The class-detection runs the summary shows, by gradient scope or loss."""
 
+CLASS_FILES = (INFLUENTIAL, NB + "influential_data_full_finetune.json")
+"""The class-detection results the summary reads, those that exist."""
+
 
 def _class_detection(
     res: Results,
 ) -> List[Tuple[str, Dict[str, Dict[str, Any]], Optional[int]]]:
     """`(label, {method: metrics}, test prompts)` of every class-detection run.
 
-    Reads either form of the tutorial's results: runs with several gradient
-    scopes on one adapter (`runs`), or one run per task and loss (`tasks`).
+    Reads both forms of the tutorial's results: runs of the paper's
+    fine-tune with several gradient scopes on one adapter (`runs`), and runs
+    of a full fine-tune, one per task and loss (`tasks`).
     """
-    doc = res.json(INFLUENTIAL)
     out: List[Tuple[str, Dict[str, Dict[str, Any]], Optional[int]]] = []
-    if "runs" in doc:
-        for r in doc["runs"]:
+    for name in CLASS_FILES:
+        if not res.exists(name):
+            continue
+        doc = res.json(name)
+        for r in doc.get("runs", []):
             cfg = r.get("config", {})
             n = cfg.get("classes", 0) * cfg.get("n_test_per_class", 0) or None
             for scope, what in CLASS_SCOPES.items():
                 if scope in r.get("scopes", {}):
-                    out.append(
-                        (f"{r['task']} ({what})", r["scopes"][scope]["methods"], n)
-                    )
-        return out
-    for t in doc["tasks"]:
-        what = CLASS_SCOPES[t["config"]["loss_on"]]
-        out.append((f"{t['task']} ({what})", t["methods"], None))
+                    label = f"{r['task']} (paper's fine-tune, {what})"
+                    out.append((label, r["scopes"][scope]["methods"], n))
+        for t in doc.get("tasks", []):
+            what = CLASS_SCOPES[t["config"]["loss_on"]]
+            out.append((f"{t['task']} (full fine-tune, {what})", t["methods"], None))
     return out
 
 
@@ -1379,7 +1383,7 @@ def _which_method(res: Results) -> str:
                 "llrll",
             ),
             "\n".join(verdicts),
-            source(LDS, MISLABEL, INFLUENTIAL),
+            source(LDS, MISLABEL, *(n for n in CLASS_FILES if res.exists(n))),
         ]
     )
 

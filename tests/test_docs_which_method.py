@@ -225,7 +225,31 @@ def test_class_detection_reads_the_paper_protocol_runs(
         if line.startswith("| Class detection")
     ]
     assert len(rows) == 2  # the paper's scope and the answer
-    assert "(gradients on the prompt, the paper's scope)" in rows[0]
+    # the earlier runs of a full fine-tune, in their own file, come after
+    full = {
+        "tasks": [
+            {
+                "task": "u",
+                "config": {"loss_on": "target"},
+                "methods": {
+                    "datainf": {"auc": 0.6, "recall": 0.3},
+                    "exact": {"auc": 0.6, "recall": 0.3},
+                },
+            }
+        ]
+    }
+    results_copy.path(docs_tables.CLASS_FILES[1]).write_text(json.dumps(full))
+    rows = [
+        line
+        for line in docs_tables.render("which-method", results_copy).splitlines()
+        if line.startswith("| Class detection")
+    ]
+    assert len(rows) == 3
+    assert rows[2].startswith(
+        "| Class detection, u (full fine-tune, loss on the completion)"
+    )
+    assert rows[2].endswith("| **ties**: level with Exact inverse |")
+    assert "(paper's fine-tune, gradients on the prompt, the paper's scope)" in rows[0]
     assert rows[0].endswith("| **ties**: level with Exact inverse |")
     assert rows[1].endswith("| **loses**: behind Exact inverse |")
 
