@@ -116,6 +116,7 @@ def test_constant_test_loss_has_no_lds() -> None:
     assert np.isnan(per_test[0]) and np.isfinite(per_test[1])
     out = lds.bootstrap_lds({"datainf": scores}, masks, losses, resamples=20)
     assert out["datainf"]["test_points"] == 1
+    assert out["datainf"]["per_test"][0] is None  # JSON-friendly
     assert out["datainf"]["lds"] == pytest.approx(per_test[1])
 
 

@@ -315,8 +315,8 @@ def bootstrap_lds(
         `{method: {"lds", "ci", "per_test", "test_points"}}`, plus, for
         every method but the reference, `"difference"` (its LDS minus the
         reference's) and `"difference_ci"`. `ci` is `[low, high]`;
-        `per_test` the LDS of each test point; `test_points` how many had a
-        defined correlation.
+        `per_test` the LDS of each test point (`None` where it is not
+        defined); `test_points` how many had a defined correlation.
 
     Example:
         ```python
@@ -365,7 +365,7 @@ def bootstrap_lds(
         entry: Dict[str, Any] = {
             "lds": float(np.nanmean(per_test)),
             "ci": [float(lo), float(hi)],
-            "per_test": [float(v) for v in per_test],
+            "per_test": [float(v) if np.isfinite(v) else None for v in per_test],
             "test_points": int(np.isfinite(per_test).sum()),
         }
         if reference is not None and m != reference:
