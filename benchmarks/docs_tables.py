@@ -62,6 +62,7 @@ __all__ = [
     "Results",
     "TABLES",
     "check",
+    "check_page",
     "main",
     "regions",
     "render",
@@ -211,6 +212,60 @@ def _mlp_matrix(res: Results) -> str:
             table(["measurement", f"time (median of {repeats} runs)"], rows, "lr"),
             source(
                 "bench_mlp_matrix.txt", command="python benchmarks/bench_mlp_matrix.py"
+            ),
+        ]
+    )
+
+
+@register("safety-checks")
+def _safety_checks(res: Results) -> str:
+    r = res.json("bench_checks.json")
+    floor = r["floor"]
+    rows = [
+        [
+            "plain forward+backward epoch over the training data",
+            f"{floor['train_epoch_s'] * 1e3:.1f} ms",
+            "",
+        ],
+        [
+            "plain forward+backward epoch over the test data",
+            f"{floor['test_epoch_s'] * 1e3:.1f} ms",
+            "",
+        ],
+        [
+            "DataInf's three matrix products on these shapes",
+            f"{floor['gemms_s'] * 1e3:.1f} ms",
+            "",
+        ],
+        ["**the floor**", f"**{floor['total_s'] * 1e3:.1f} ms**", "1.00×"],
+        [
+            "**the job**: `fit`, then the whole matrix through `SequentialInfluenceCalculator`",
+            f"**{r['job_s'] * 1e3:.1f} ms**",
+            f"**{ratio(r['job_over_floor'])}**",
+        ],
+    ]
+    for c in r["checks"]:
+        rows.append(
+            [
+                f"in the job: {c['check']}, {c['calls']} calls",
+                f"{c['seconds'] * 1e3:.2f} ms",
+                f"{100 * c['share_of_floor']:.1f}% of the floor",
+            ]
+        )
+    rows.append(
+        [
+            "the job without the time of these checks",
+            f"{(r['job_s'] - r['checks_s']) * 1e3:.1f} ms",
+            ratio(r["job_without_checks_over_floor"]),
+        ]
+    )
+    return "\n\n".join(
+        [
+            table(["measurement", "time (median run)", "× the floor"], rows, "lrr"),
+            source(
+                "bench_checks.json",
+                command="python benchmarks/bench_checks.py --out "
+                "benchmarks/results/bench_checks.json",
             ),
         ]
     )
@@ -803,10 +858,10 @@ CUSTOM_LORA_COMMAND = (
     "--out benchmarks/results/bench_fit_custom_lora.json"
 )
 CUSTOM_JOBS = {
-    "custom_lora_mlp_hooks": "custom LoRA module, hooks engine, one block per parameter (the blocks of the LoRA-MLP above)",
-    "custom_lora_mlp_hooks_layer_blocks": "the same, one block per custom layer (`lora_A` and `lora_B` together)",
+    "custom_lora_mlp_hooks": "custom LoRA module, hooks engine, the default blocks: one per `lora_A` and one per `lora_B` (as for the LoRA-MLP above)",
+    "custom_lora_mlp_hooks_layer_blocks": 'the same, `block_structure="module"`: one block per custom layer (`lora_A` and `lora_B` together)',
     "custom_lora_mlp_hooks_engine": "the same, per-sample gradients only (the engine without the cache)",
-    "custom_lora_mlp_func": "the same, `torch.func` over the whole model, one block per parameter",
+    "custom_lora_mlp_func": "the same, `torch.func` over the whole model, the default blocks",
 }
 
 
@@ -840,6 +895,94 @@ def _fit_custom_lora(res: Results) -> str:
             source(CUSTOM_LORA, command=CUSTOM_LORA_COMMAND),
         ]
     )
+
+
+# --- the classification head (a table of docs/own-models.md) ---------------------
+
+HEAD = "head_blocks.json"
+HEAD_COMMAND = (
+    "python benchmarks/head_blocks.py --out benchmarks/results/head_blocks.json"
+)
+HEAD_CHOICES = {
+    "lora_only": "LoRA only (`include_head=False`)",
+    "head_only": "head only",
+    "both": "both (default)",
+}
+
+
+def _head_runs(res: Results, dataset: str) -> List[Dict[str, Any]]:
+    return [r for r in res.json(HEAD)["runs"] if r["dataset"] == dataset]
+
+
+def _head_stat(res: Results, dataset: str, key: str, choice: str = "") -> str:
+    """`mean ± std` over the seeds of a run's value (an AUC when `choice`)."""
+    runs = _head_runs(res, dataset)
+    values = [r["auc"][choice] if choice else r[key] for r in runs]
+    mean, std = _stats(values)
+    if key == "relative_change":
+        return f"{100 * mean:.1f}% ± {100 * std:.1f}%"
+    return mean_std(mean, std)
+
+
+@register("head-blocks")
+def _head_blocks(res: Results) -> str:
+    doc = res.json(HEAD)
+    datasets = list(dict.fromkeys(r["dataset"] for r in doc["runs"]))
+    rows = []
+    for ds in datasets:
+        runs = _head_runs(res, ds)
+        means = {c: _stats([r["auc"][c] for r in runs])[0] for c in HEAD_CHOICES}
+        best = max(round(v, 3) for v in means.values())
+        rows.append(
+            [
+                DATASET_LABELS.get(ds, ds),
+                *(
+                    bold(_head_stat(res, ds, "auc", c), round(means[c], 3) == best)
+                    for c in HEAD_CHOICES
+                ),
+                _head_stat(res, ds, "relative_change"),
+                _head_stat(res, ds, "harm_spearman"),
+            ]
+        )
+    seeds = len(_head_runs(res, datasets[0]))
+    first = doc["runs"][0]
+    heads = _listing(
+        [
+            f"{_head_runs(res, ds)[0]['head_parameters']:,} on "
+            f"{DATASET_LABELS.get(ds, ds)}"
+            for ds in datasets
+        ]
+    )
+    return "\n\n".join(
+        [
+            table(
+                [
+                    "data set",
+                    *(f"AUC, {label}" for label in HEAD_CHOICES.values()),
+                    "change of the scores",
+                    "rank correlation",
+                ],
+                rows,
+                "lrrrrr",
+            ),
+            f"Mean ± standard deviation over {seeds} seed{'s' * (seeds != 1)}; per run, "
+            f"{first['n_train']} training texts (20% of the labels flipped) and "
+            f"{first['n_test']} clean test texts. AUC: the ROC AUC of the "
+            "mislabel scores at finding the flipped labels, with the blocks "
+            "named. Change of the scores: the relative Frobenius norm of the "
+            "difference of the score matrices with and without the head block, "
+            "‖S_both − S_LoRA‖ / ‖S_LoRA‖. Rank correlation: Spearman's, of "
+            "the mislabel scores with and without the head block. The adapters "
+            f"have {first['lora_parameters']:,} parameters in "
+            f"{first['n_blocks']['lora_only']} blocks, the head {heads}.",
+            source(HEAD, command=HEAD_COMMAND),
+        ]
+    )
+
+
+TABLE_PAGES: Dict[str, str] = {"head-blocks": "own-models.md"}
+"""Tables shown on another page of `docs/` than the benchmarks page:
+`{table: page}` (more entries are added below, next to their tables)."""
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -1024,8 +1167,6 @@ LDS_COMMAND = (
 LDS_SETUPS = ("classifier", "causal_lm")
 LDS_LABELS = {**INFLUENTIAL_LABELS, "tracin": "TracIn"}
 LDS_SCOPES = {"answer": "answer", "text": "whole text", "prompt": "prompt"}
-#: tables of pages other than docs/benchmarks.md, by page (file in docs/)
-PAGE_TABLES: Dict[str, Dict[str, Callable[[Results], str]]] = {"which-method.md": {}}
 
 
 def _lds_setup_label(r: Dict[str, Any]) -> str:
@@ -1156,7 +1297,8 @@ def _lds_table(res: Results) -> str:
     return "\n\n".join(out)
 
 
-PAGE_TABLES["which-method.md"]["lds"] = _lds_table
+register("lds")(_lds_table)
+TABLE_PAGES["lds"] = "which-method.md"
 
 
 def _mislabel_standing(
@@ -1388,7 +1530,8 @@ def _which_method(res: Results) -> str:
     )
 
 
-PAGE_TABLES["which-method.md"]["which-method"] = _which_method
+register("which-method")(_which_method)
+TABLE_PAGES["which-method"] = "which-method.md"
 
 
 # --- figures quoted in the prose ----------------------------------------------
@@ -1946,6 +2089,260 @@ CLAIMS: List[Claim] = [
 ]
 
 
+# --- the tables of the "Scaling to LLMs" page (docs/scaling-llms.md) ----------
+
+TABLE_PAGES.update(
+    dict.fromkeys(
+        [
+            "jl-measured",
+            "jl-dimension",
+            "token-projection",
+            "mips-index",
+            "llm-cost",
+            "llm-cost-inputs",
+        ],
+        "scaling-llms.md",
+    )
+)
+JL = "index/jl.json"
+JL_COMMAND = "python benchmarks/bench_jl.py --out benchmarks/results/index/jl.json"
+INDEX_1M = "index/index-1m.json"
+INDEX_COMMAND = (
+    "python benchmarks/bench_index.py --out benchmarks/results/index/index-1m.json"
+)
+PROJ = {
+    "index/projection-lora.json": "python benchmarks/bench_projection.py --threads 1 "
+    "--out benchmarks/results/index/projection-lora.json",
+    "index/projection-full.json": "python benchmarks/bench_projection.py --threads 1 "
+    "--full --out benchmarks/results/index/projection-full.json",
+}
+LLM_COST = "index/llm-cost.json"
+LLM_COST_COMMAND = (
+    "python benchmarks/cost_llm.py --out benchmarks/results/index/llm-cost.json"
+)
+
+
+def _ms(v: float) -> str:
+    return f"{1000 * v:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _duration(v: float) -> str:
+    if v < 120:
+        return f"{v:.1f} s"
+    if v < 7200:
+        return f"{v / 60:.1f} min"
+    return f"{v / 3600:.1f} h"
+
+
+@register("jl-measured")
+def _jl_measured(res: Results) -> str:
+    r = res.json(JL)
+    rows = [
+        [
+            str(x["k"]),
+            x["kind"],
+            f"{x['median_error']:.3f}",
+            f"{x['p99_error']:.3f}",
+            f"{x['max_error']:.3f}",
+            "—" if x["bound_epsilon"] is None else f"{x['bound_epsilon']:.3f}",
+        ]
+        for x in r["measured"]
+    ]
+    return "\n\n".join(
+        [
+            f"Relative inner-product error $|Pu\\cdot Pv - u\\cdot v| / "
+            f"(\\lVert u\\rVert\\lVert v\\rVert)$ over {r['pairs']:,} pairs in "
+            f"dimension {r['dim']:,}; the bound's $\\varepsilon$ for the same $k$, "
+            f"{r['pairs']:,} pairs and $\\delta = {r['delta']}$ (— where it gives "
+            "none below 1, and for the Kronecker kind, which it does not cover).",
+            table(
+                ["k", "projection", "median", "99th percentile", "largest", "bound ε"],
+                rows,
+                "rlrrrr",
+            ),
+            source(JL, command=JL_COMMAND),
+        ]
+    )
+
+
+@register("jl-dimension")
+def _jl_dimension(res: Results) -> str:
+    r = res.json(JL)
+    pairs = sorted({x["pairs"] for x in r["dimension_table"]})
+    eps = sorted({x["epsilon"] for x in r["dimension_table"]})
+    k = {(x["epsilon"], x["pairs"]): x["k"] for x in r["dimension_table"]}
+    rows = [[f"{e:g}"] + [f"{k[e, m]:,}" for m in pairs] for e in eps]
+    return "\n\n".join(
+        [
+            table(
+                ["ε"] + [f"{m:,} pair{'s' if m != 1 else ''}" for m in pairs],
+                rows,
+                "l" + "r" * len(pairs),
+            ),
+            source(JL, command=JL_COMMAND),
+        ]
+    )
+
+
+@register("token-projection")
+def _token_projection(res: Results) -> str:
+    rows = []
+    stored = [n for n in PROJ if res.exists(n)]
+    for name in stored:
+        r = res.json(name)
+        cpu = r["cpu_seconds"]
+        rows.append(
+            [
+                r["model"],
+                f"{r['trainable_parameters']:,} → {r['projected_floats_per_sample']:,}",
+                f"{cpu['floor']:.2f} s",
+                f"{cpu['dense']:.2f} s ({ratio(r['cpu_ratio_to_floor']['dense'])})",
+                f"{cpu['projected']:.2f} s ({ratio(r['cpu_ratio_to_floor']['projected'])})",
+            ]
+        )
+    if not rows:
+        name, command = next(iter(PROJ.items()))
+        return not_stored(name, command, "the cost of projected per-sample gradients")
+    r0 = res.json(stored[0])
+    return "\n\n".join(
+        [
+            f"{r0['samples']} samples, one thread, CPU time (the machine was shared); "
+            "in brackets: the ratio to the plain forward+backward.",
+            table(
+                [
+                    "model",
+                    "numbers per sample",
+                    "plain forward+backward",
+                    "dense per-sample gradients",
+                    "projected, from per-token factors",
+                ],
+                rows,
+                "lrrrr",
+            ),
+            source(*stored, command="; ".join(PROJ[n] for n in stored)),
+        ]
+    )
+
+
+@register("mips-index")
+def _mips_index(res: Results) -> str:
+    if not res.exists(INDEX_1M):
+        return not_stored(INDEX_1M, INDEX_COMMAND, "the index over 1,000,000 rows")
+    r = res.json(INDEX_1M)
+    k = r["k"]
+    rows = []
+    for x in r["runs"]:
+        name = x["index"] + (f", nprobe {x['nprobe']}" if x["nprobe"] else "")
+        rows.append(
+            [
+                str(x["dim"]),
+                name,
+                f"{x['bytes_per_row']:,} B",
+                f"{x['build_s']:.0f} s",
+                f"{x[f'recall_at_{k}']:.3f}",
+                _ms(x["single_query_cpu_s"]),
+                _ms(x["batched_per_query_cpu_s"]),
+            ]
+        )
+    load = max(x["load_average"] for x in r["runs"])
+    return "\n\n".join(
+        [
+            f"{r['n']:,} rows, {r['queries']} queries, top-{k}, faiss {r['faiss']}. "
+            f"Rows: {r['data']}. Latency per query on one thread, as CPU time "
+            f"(the machine was shared: load average up to {load:.0f} on "
+            f"{r['machine']['threads']} cores, so wall times were longer); build "
+            f"on {r['runs'][0]['build_threads']} threads.",
+            table(
+                [
+                    "dimension",
+                    "index",
+                    "memory per row",
+                    "build",
+                    f"recall@{k}",
+                    "one query alone",
+                    f"in a batch of {r['queries']}",
+                ],
+                rows,
+                "rlrrrrr",
+            ),
+            source(INDEX_1M, command=INDEX_COMMAND),
+        ]
+    )
+
+
+@register("llm-cost")
+def _llm_cost(res: Results) -> str:
+    r = res.json(LLM_COST)
+    a = r["architecture"]
+    rows = [
+        [
+            f"{x['side']}",
+            f"{x['projected_floats_per_sample']:,}",
+            f"{x['compression']:,.0f}×",
+            f"{x['store_float16_gb']:.2f} GB",
+            _duration(x["fit_1gpu_s"]),
+            _duration(x["fit_8gpu_s"]),
+            f"{100 * x['fit_overhead_fraction']:.2f} %",
+            _ms(x["test_gradient_per_sequence_s"]),
+            _ms(x["scores_per_query_batch_gpu_s"]),
+            _ms(x["scores_per_query_cpu_s"]),
+        ]
+        for x in r["estimated"]
+    ]
+    e0 = r["estimated"][0]
+    return "\n\n".join(
+        [
+            f"{r['job']}: {a['trainable']:,} trainable parameters in {a['blocks']} "
+            f"blocks; the dense float32 store would hold "
+            f"{a['dense_store_float32_gb']:,.0f} GB, and one pass over it from a disk "
+            f"reading {r['published']['nvme_read_gb_s']['value']:g} GB/s takes "
+            f"{_duration(e0['dense_store_pass_s'])}. All figures below are "
+            "**estimated**.",
+            table(
+                [
+                    "side",
+                    "numbers per sample",
+                    "compression",
+                    "store (float16)",
+                    "`fit`, 1 H100",
+                    "`fit`, 8 H100",
+                    "projection's share of `fit`",
+                    "test gradient, per sequence (1 H100)",
+                    "scores of a batch of queries, 1 H100",
+                    "scores of one query, exact, one CPU thread",
+                ],
+                rows,
+                "rrrrrrrrrr",
+            ),
+            source(LLM_COST, command=LLM_COST_COMMAND),
+        ]
+    )
+
+
+@register("llm-cost-inputs")
+def _llm_cost_inputs(res: Results) -> str:
+    r = res.json(LLM_COST)
+    rows = [
+        [
+            m["kind"],
+            m["what"],
+            f"{m['value']:.3g}",
+            f"`benchmarks/results/{m['file']}`",
+        ]
+        for m in r["measured"].values()
+    ]
+    rows += [
+        ["published", p["source"], f"{p['value']:g}", "—"]
+        for p in r["published"].values()
+    ]
+    return "\n\n".join(
+        [
+            table(["kind", "figure", "value", "file"], rows, "llrl"),
+            source(LLM_COST, command=LLM_COST_COMMAND),
+        ]
+    )
+
+
 # --- the page ------------------------------------------------------------------
 
 
@@ -1954,9 +2351,6 @@ def render(name: str, res: Optional[Results] = None) -> str:
     res = res or Results()
     if name == "peers":
         return _peers_full(res)
-    for tables in PAGE_TABLES.values():
-        if name in tables:
-            return tables[name](res)
     if name not in TABLES:
         raise KeyError(
             f"no table named {name!r}; known: {', '.join(sorted(TABLES))}, peers"
@@ -2012,7 +2406,54 @@ def _influential_metric(
     return get
 
 
+def _two(
+    template: str, a: Tuple[str, str, str, str], b: Tuple[str, str, str, str]
+) -> Callable[[Results], str]:
+    """Two figures of the peers results (`(file, job, tool, key)` each), to
+    three decimals, in `template`."""
+    return lambda res: template.format(f3(_peer(*a)(res)), f3(_peer(*b)(res)))
+
+
+def _head_mean_auc(res: Results, dataset: str, choice: str) -> float:
+    return statistics.fmean(r["auc"][choice] for r in _head_runs(res, dataset))
+
+
+def _head_datasets(res: Results) -> List[str]:
+    return list(dict.fromkeys(r["dataset"] for r in res.json(HEAD)["runs"]))
+
+
 PAGE_CLAIMS: Dict[str, List[Claim]] = {
+    "own-models.md": [
+        Claim(
+            "The head block changes the scores by less than 4%",
+            HEAD,
+            lambda r: (
+                "less than "
+                f"{math.ceil(100 * max(x['relative_change'] for x in r.json(HEAD)['runs']))}%"
+            ),
+        ),
+        Claim(
+            "finds them better than the LoRA blocks",
+            HEAD,
+            lambda r: (
+                "better"
+                if all(
+                    _head_mean_auc(r, ds, "head_only")
+                    > _head_mean_auc(r, ds, "lora_only")
+                    for ds in _head_datasets(r)
+                )
+                else "not always better"
+            ),
+        ),
+        Claim(
+            "(AUC 0.984 against 0.817)",
+            HEAD,
+            lambda r: (
+                f"{_head_mean_auc(r, 'bbc', 'head_only'):.3f} against "
+                f"{_head_mean_auc(r, 'bbc', 'lora_only'):.3f}"
+            ),
+        ),
+    ],
     "faq.md": [
         Claim(
             "DataInf's AUC is 0.979 ± 0.013 over 3 seeds",
@@ -2075,6 +2516,58 @@ PAGE_CLAIMS: Dict[str, List[Claim]] = {
             INFLUENTIAL,
             _influential_metric("math with reasoning", "sequence", "hessian_free"),
         ),
+    ],
+    "index.md": [
+        Claim(
+            "relative errors up to 0.98 against the formula",
+            "compare_pydvl_ihm.txt",
+            lambda r: max(
+                re.findall(
+                    r"pyDVL IHM .*rel\. error ([0-9.]+)",
+                    r.text("compare_pydvl_ihm.txt"),
+                ),
+                key=float,
+            ),
+        ),
+        Claim(
+            "takes 45× as long as this package",
+            PAB,
+            _fmt(_speedup_ab, lambda v: f"{v:.0f}×"),
+        ),
+        Claim("(AUC) is 0.817 ± 0.049", MISLABEL, _mislabel_auc("bbc", "DataInf")),
+        Claim("reaches 0.989 ± 0.005", MISLABEL, _mislabel_auc("bbc", "Training loss")),
+        Claim(
+            "DataInf's 0.979 ± 0.013 is behind",
+            MISLABEL,
+            _mislabel_auc("sms", "DataInf"),
+        ),
+        Claim("LiSSA's 0.988 ± 0.013", MISLABEL, _mislabel_auc("sms", "LiSSA")),
+        *[
+            Claim(quote, P, _two(template, (P, *first, key), (P, *second, key)))
+            for quote, template, first, second, key in (
+                (
+                    "correlate 0.525 on the MLP and 0.196 on a LoRA-MLP",
+                    "{} on the MLP and {}",
+                    ("a", "ours"),
+                    ("b", "ours"),
+                    "pearson",
+                ),
+                (
+                    "against 0.788 and 0.700 for kronfluence's EK-FAC",
+                    "{} and {}",
+                    ("a", "kronfluence"),
+                    ("b", "kronfluence"),
+                    "pearson",
+                ),
+                (
+                    "pyDVL's Arnoldi has the best AUC, 0.979, against DataInf's 0.929",
+                    "{}, against DataInf's {}",
+                    ("b", "pydvl-arnoldi"),
+                    ("b", "ours"),
+                    "auc",
+                ),
+            )
+        ],
     ],
 }
 """Figures quoted in other pages of `docs/`, by page: checked by the tests."""
@@ -2201,13 +2694,32 @@ PAGE_CLAIMS["which-method.md"] = [
 """The statements of the guidance on docs/which-method.md."""
 
 
-def check(text: str, res: Optional[Results] = None) -> List[str]:
-    """Problems of a page: stale tables, unknown tables, figures not backed by a results file."""
-    return check_tables(text, res) + check_claims(text, CLAIMS, res)
+def other_pages() -> List[str]:
+    """The pages of `docs/` other than the benchmarks page with generated
+    tables or quoted figures."""
+    return sorted(set(TABLE_PAGES.values()) | set(PAGE_CLAIMS))
 
 
-def check_tables(text: str, res: Optional[Results] = None) -> List[str]:
-    """Problems of the generated regions of any page: stale or unknown tables."""
+def check(
+    text: str,
+    res: Optional[Results] = None,
+    claims: Optional[Sequence[Claim]] = None,
+) -> List[str]:
+    """Problems of a page: stale tables, unknown tables, figures not backed by a
+    results file (`claims`: the page's quoted figures, default `CLAIMS`)."""
+    res = res or Results()
+    return stale_tables(text, res) + check_claims(
+        text, CLAIMS if claims is None else claims, res
+    )
+
+
+def check_page(name: str, text: str, res: Optional[Results] = None) -> List[str]:
+    """Problems of another page of `docs/`: its tables and its quoted figures."""
+    return check(text, res, PAGE_CLAIMS.get(name, []))
+
+
+def stale_tables(text: str, res: Optional[Results] = None) -> List[str]:
+    """The generated tables of a page that are stale or unknown."""
     res = res or Results()
     problems = []
     for m in regions(text):
@@ -2255,12 +2767,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--check", action="store_true", help="exit 1 if the page is stale"
     )
     mode.add_argument("--show", metavar="NAME", help="print one table")
-    ap.add_argument(
-        "--page",
-        type=Path,
-        default=None,
-        help="one page (default: docs/benchmarks.md and the pages of PAGE_TABLES)",
-    )
+    ap.add_argument("--page", type=Path, help="one page (default: all pages)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     res = Results(args.results)
@@ -2270,7 +2777,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pages = (
         [args.page]
         if args.page
-        else [PAGE] + [ROOT / "docs" / name for name in PAGE_TABLES]
+        else [PAGE, *(ROOT / "docs" / p for p in other_pages())]
     )
     problems = []
     for page in pages:
@@ -2282,13 +2789,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"updated {page}")
             else:
                 print(f"{page} is up to date")
-        text = page.read_text(encoding="utf-8") if args.write else text
-        problems += (
-            check(text, res)
-            if page.name == PAGE.name
-            else check_tables(text, res)
-            + check_claims(text, PAGE_CLAIMS.get(page.name, []), res)
-        )
+            text = new
+        claims = None if page.name == PAGE.name else PAGE_CLAIMS.get(page.name, [])
+        problems += [f"{page.name}: {p}" for p in check(text, res, claims)]
     for p in problems:
         print(p, file=sys.stderr)
     return 1 if problems else 0

@@ -281,12 +281,33 @@ def resolve_regularization(
                 float(squared_norm_sums[name]), n, d, scale
             )
             if not (lam > 0 and math.isfinite(lam)):
-                raise RegularizationError(
-                    f"'auto' regularization of block {name!r} is {lam}: all its "
-                    f"training gradients vanish. Pass a positive float for this "
-                    f"block, or leave it out of the block structure."
-                )
+                raise RegularizationError(_auto_regularization_advice(name, lam))
             out[name] = check_regularization(name, lam, dtype, top, "'auto' λ")
         else:
             out[name] = check_regularization(name, float(value), dtype, top)
     return out
+
+
+def _auto_regularization_advice(block: str, lam: float) -> str:
+    """Why `"auto"` gave no usable λ for `block`, and what to do."""
+    if lam != 0:
+        return (
+            f"'auto' regularization of block {block!r} is {lam}: the mean squared "
+            f"gradient norm of this block is not finite. Pass a positive float "
+            f"for this block in `regularization`."
+        )
+    why = (
+        "This block is a LoRA A matrix: LoRA starts lora_B at zero, so lora_A "
+        "gets no gradient until the adapters are trained."
+        if "lora_a" in block.lower()
+        else "With LoRA this happens to the lora_A blocks of adapters that were "
+        "not trained: lora_B starts at zero, so lora_A gets no gradient until "
+        "the adapters are trained."
+    )
+    return (
+        f"'auto' regularization of block {block!r} is 0: every training gradient "
+        f"of this block is zero, so its influences carry no information. {why} "
+        f"Train the model (the adapters) before `fit`; or leave this block out of "
+        f"the block structure; or, to keep it with zero influences, pass a "
+        f"positive float for it in `regularization`."
+    )
