@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from scipy.stats import t as student_t
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NOTEBOOK_RESULTS = ROOT / "notebooks" / "results"
@@ -1153,6 +1155,383 @@ def _cells(line: str) -> List[str]:
     """The cells of a markdown table row (escaped pipes kept in their cell)."""
     inner = line.strip()[1:-1]
     return [c.strip() for c in re.split(r"(?<!\\)\|", inner)]
+
+
+# --- which method, when: the LDS and the verdicts (docs/which-method.md) ------
+
+LDS = NB + "lds.json"
+LDS_COMMAND = (
+    "python -m pydvl_datainf.experiments.lds --mode full --setup {} "
+    "--out notebooks/results/lds.json"
+)
+LDS_SETUPS = ("classifier", "causal_lm")
+LDS_LABELS = {**INFLUENTIAL_LABELS, "tracin": "TracIn"}
+LDS_SCOPES = {"answer": "answer", "text": "whole text", "prompt": "prompt"}
+
+
+def _lds_setup_label(r: Dict[str, Any]) -> str:
+    c = r["config"]
+    if r["setup"] == "classifier":
+        data = DATASET_LABELS.get(c["dataset"], c["dataset"])
+        return (
+            f"{c['model']} + LoRA r={c['rank']}, {data} ({c['n_train']} training "
+            f"and {c['n_test']} test texts)"
+        )
+    return (
+        f"{c['model']} + LoRA r={c['rank']}, {c['task']} ({c['classes']} classes, "
+        f"{c['n_train']} training and {c['n_test']} test examples, training "
+        f"loss on the {LDS_SCOPES.get(c['train_scope'], c['train_scope'])}, test "
+        f"loss on the {LDS_SCOPES.get(c['test_scope'], c['test_scope'])})"
+    )
+
+
+def _ci(lo: float, hi: float) -> str:
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _lds_groups(methods: Dict[str, Any]) -> Tuple[List[str], List[str], List[str]]:
+    """Methods above, level with, and below DataInf (paired 95% intervals)."""
+    above, level, below = [], [], []
+    for m, v in methods.items():
+        if m == "datainf":
+            continue
+        lo, hi = v["difference_ci"]
+        (above if lo > 0 else below if hi < 0 else level).append(m)
+    return above, level, below
+
+
+def _lds_setup(res: Results, setup: str) -> Optional[Dict[str, Any]]:
+    if not res.exists(LDS):
+        return None
+    return res.json(LDS).get("setups", {}).get(setup)
+
+
+def _lds_table(res: Results) -> str:
+    out = []
+    for setup in LDS_SETUPS:
+        r = _lds_setup(res, setup)
+        if r is None:
+            out.append(
+                f"*Not in the repository yet, so not shown: the {setup} setup. To "
+                f"measure it, run `{LDS_COMMAND.format(setup)}` and "
+                "`python benchmarks/docs_tables.py --write`.*"
+            )
+            continue
+        ms = r["methods"]
+        best = max(v["lds"] for v in ms.values())
+        rows = []
+        for m, v in ms.items():
+            diff = (
+                "—"
+                if m == "datainf"
+                else f"{v['difference']:+.3f} {_ci(*v['difference_ci'])}"
+            )
+            rows.append(
+                [
+                    LDS_LABELS.get(m, m),
+                    bold(f3(v["lds"]), f3(v["lds"]) == f3(best)),
+                    _ci(*v["ci"]),
+                    diff,
+                ]
+            )
+        above, level, below = _lds_groups(ms)
+        d = ms["datainf"]
+        rank = 1 + sum(v["lds"] > d["lds"] for v in ms.values())
+        names = {
+            k: [LDS_LABELS.get(m, m) for m in g]
+            for k, g in (("above", above), ("level", level), ("below", below))
+        }
+        parts = [f"DataInf's LDS {f3(d['lds'])} ranks {rank} of {len(ms)}"]
+        if names["above"]:
+            parts.append(f"clearly below {_listing(names['above'])}")
+        if names["level"]:
+            parts.append(f"level with {_listing(names['level'])}")
+        if names["below"]:
+            parts.append(f"clearly above {_listing(names['below'])}")
+        c, metric, q = r["config"], r["metric"], r["quality"]
+        quality = (
+            f"test accuracy {f3(q['test_accuracy'])}, "
+            if "test_accuracy" in q
+            else f"exact match on the test prompts {f3(q['test_exact'])}, "
+        ) + (
+            f"mean test loss {f3(q['test_loss'])}, against "
+            f"{f3(q['subset_test_loss'])} for the models retrained on the subsets"
+        )
+        out.append(
+            f"**{_lds_setup_label(r)}**: {metric['n_subsets']} subsets of "
+            f"{metric['subset_size']}, {c['epochs']} epochs (batch {c['batch_size']}, "
+            f"learning rate {c['lr']:g}) on each; the model fine-tuned on the whole "
+            f"set ({quality}) gives the scores; TracIn over "
+            f"{len(c['checkpoints'])} checkpoints. The whole run took "
+            f"{r['seconds']['total']['cpu'] / 60:.0f} minutes of CPU time."
+        )
+        out.append(
+            table(
+                [
+                    "method",
+                    "LDS",
+                    "95% interval",
+                    "minus DataInf (95% interval)",
+                ],
+                rows,
+                "lrrr",
+            )
+        )
+        out.append("* " + "; ".join(parts) + ".")
+    boot = None
+    for setup in LDS_SETUPS:
+        r = _lds_setup(res, setup)
+        if r is not None:
+            boot = r["metric"]["bootstrap"]
+    if boot is not None:
+        out.insert(
+            0,
+            "LDS: the Spearman correlation, across the retrained subsets, between "
+            "each test point's predicted loss (minus the sum of its scores over "
+            "the subset) and its actual loss, averaged over the test points; "
+            f"best per setup in bold. Intervals: percentile bootstrap over "
+            f"{boot['over']} ({boot['resamples']} resamples), paired for the "
+            "difference to DataInf.",
+        )
+        out.append(source(LDS, command=LDS_COMMAND.format("SETUP")))
+    return "\n\n".join(out)
+
+
+register("lds")(_lds_table)
+TABLE_PAGES["lds"] = "which-method.md"
+
+
+def _mislabel_standing(
+    doc: Dict[str, Any], dataset: str
+) -> Tuple[Dict[str, float], List[str], List[str], List[str]]:
+    """Mean AUC per method; methods above, level with, below DataInf.
+
+    Paired over seeds: a method is above (below) DataInf when the 95%
+    t-interval of the mean of its per-seed AUC differences lies above
+    (below) 0.
+    """
+    runs = [r for r in _mislabel_main(doc) if r["dataset"] == dataset]
+    by: Dict[str, Dict[int, float]] = {}
+    for r in runs:
+        by.setdefault(r["method"], {})[r["seed"]] = float(r["auc"])
+    ours = by["DataInf"]
+    means = {m: statistics.fmean(v.values()) for m, v in by.items()}
+    above, level, below = [], [], []
+    for m, v in by.items():
+        if m == "DataInf":
+            continue
+        diffs = [v[s] - ours[s] for s in ours]
+        mean, std = _stats(diffs)
+        half = student_t.ppf(0.975, len(diffs) - 1) * std / math.sqrt(len(diffs))
+        (above if mean - half > 0 else below if mean + half < 0 else level).append(m)
+    return means, above, level, below
+
+
+def _standing(above: Sequence[str], level: Sequence[str], below: Sequence[str]) -> str:
+    """The verdict, in bold, then who is ahead of, level with and behind DataInf."""
+    verdict = "loses" if above else "ties" if level else "wins"
+    parts = [
+        f"{what} {_listing(list(names))}"
+        for what, names in (
+            ("behind", above),
+            ("level with", level),
+            ("ahead of", below),
+        )
+        if names
+    ]
+    return f"**{verdict}**: " + "; ".join(parts)
+
+
+CLASS_SCOPES = {
+    "prompt": "gradients on the prompt, the paper's scope",
+    "answer": "gradients on the answer",
+    "target": "loss on the completion",
+    "sequence": "loss on the whole text",
+}
+"""The class-detection runs the summary shows, by gradient scope or loss."""
+
+CLASS_FILES = (INFLUENTIAL, NB + "influential_data_full_finetune.json")
+"""The class-detection results the summary reads, those that exist."""
+
+
+def _class_detection(
+    res: Results,
+) -> List[Tuple[str, Dict[str, Dict[str, Any]], Optional[int]]]:
+    """`(label, {method: metrics}, test prompts)` of every class-detection run.
+
+    Reads both forms of the tutorial's results: runs of the paper's
+    fine-tune with several gradient scopes on one adapter (`runs`), and runs
+    of a full fine-tune, one per task and loss (`tasks`).
+    """
+    out: List[Tuple[str, Dict[str, Dict[str, Any]], Optional[int]]] = []
+    for name in CLASS_FILES:
+        if not res.exists(name):
+            continue
+        doc = res.json(name)
+        for r in doc.get("runs", []):
+            cfg = r.get("config", {})
+            n = cfg.get("classes", 0) * cfg.get("n_test_per_class", 0) or None
+            for scope, what in CLASS_SCOPES.items():
+                if scope in r.get("scopes", {}):
+                    label = f"{r['task']} (paper's fine-tune, {what})"
+                    out.append((label, r["scopes"][scope]["methods"], n))
+        for t in doc.get("tasks", []):
+            what = CLASS_SCOPES[t["config"]["loss_on"]]
+            out.append((f"{t['task']} (full fine-tune, {what})", t["methods"], None))
+    return out
+
+
+def _class_standing(
+    ms: Dict[str, Dict[str, Any]], n_test: Optional[int]
+) -> Tuple[List[str], List[str], List[str]]:
+    """Methods above, level with and below DataInf in class-match AUC."""
+    ours = ms["datainf"]
+    above, level, below = [], [], []
+    for m in sorted(ms, key=lambda m: -ms[m]["auc"]):
+        if m == "datainf":
+            continue
+        v = ms[m]
+        if n_test and "auc_std" in v and "auc_std" in ours:
+            diff = v["auc"] - ours["auc"]
+            half = 2 * math.hypot(v["auc_std"], ours["auc_std"]) / math.sqrt(n_test)
+        else:
+            diff, half = float(f3(v["auc"])) - float(f3(ours["auc"])), 0.0
+        (above if diff > half else below if diff < -half else level).append(m)
+    return above, level, below
+
+
+@dataclass(frozen=True)
+class Standing:
+    """DataInf on one benchmark: its value, the best method's, who is ahead."""
+
+    benchmark: str
+    measures: str
+    datainf: float
+    best: str
+    best_value: float
+    above: Tuple[str, ...]
+    level: Tuple[str, ...]
+    below: Tuple[str, ...]
+
+    @property
+    def verdict(self) -> str:
+        """`loses`, `ties` or `wins`."""
+        return "loses" if self.above else "ties" if self.level else "wins"
+
+
+def standings(res: Results) -> List[Standing]:
+    """DataInf's standing on every benchmark of the summary, in table order."""
+    out: List[Standing] = []
+    for setup in LDS_SETUPS:
+        r = _lds_setup(res, setup)
+        if r is None:
+            continue
+        ms = r["methods"]
+        best = max(ms, key=lambda m: ms[m]["lds"])
+        groups = [tuple(LDS_LABELS[m] for m in g) for g in _lds_groups(ms)]
+        out.append(
+            Standing(
+                f"LDS, {_lds_setup_label(r)}",
+                "predicts the test losses of retrained models",
+                ms["datainf"]["lds"],
+                LDS_LABELS[best],
+                ms[best]["lds"],
+                *groups,
+            )
+        )
+    doc = res.json(MISLABEL)
+    for ds in doc["config"]["datasets"]:
+        means, above, level, below = _mislabel_standing(doc, ds)
+        best = max(means, key=lambda m: means[m])
+        out.append(
+            Standing(
+                f"Mislabel detection, {DATASET_LABELS.get(ds, ds)}",
+                "finds flipped labels (AUC)",
+                means["DataInf"],
+                best,
+                means[best],
+                tuple(above),
+                tuple(level),
+                tuple(below),
+            )
+        )
+    for label, ms, n_test in _class_detection(res):
+        best = max(ms, key=lambda m: ms[m]["auc"])
+        groups = [
+            tuple(INFLUENTIAL_LABELS.get(m, m) for m in g)
+            for g in _class_standing(ms, n_test)
+        ]
+        out.append(
+            Standing(
+                f"Class detection, {label}",
+                "ranks same-class examples first (AUC)",
+                ms["datainf"]["auc"],
+                INFLUENTIAL_LABELS.get(best, best),
+                ms[best]["auc"],
+                *groups,
+            )
+        )
+    return out
+
+
+def _which_method(res: Results) -> str:
+    found = standings(res)
+    rows = [
+        [
+            s.benchmark,
+            s.measures,
+            f3(s.datainf),
+            f"{s.best} ({f3(s.best_value)})",
+            _standing(s.above, s.level, s.below),
+        ]
+        for s in found
+    ]
+    verdicts = [
+        f"* DataInf **{verdict}** on "
+        + (
+            f"{len(hits)} of the {len(found)} benchmarks: "
+            + "; ".join(s.benchmark for s in hits)
+            + "."
+            if hits
+            else f"none of the {len(found)} benchmarks."
+        )
+        for verdict in ("wins", "ties", "loses")
+        for hits in [[s for s in found if s.verdict == verdict]]
+    ]
+    note = (
+        "DataInf against the other methods of each benchmark. **loses**: some "
+        "method is clearly ahead of DataInf; **ties**: none is clearly ahead, "
+        "some are level with it (their difference to DataInf is within the "
+        "noise); **wins**: every other method is clearly behind. Clearly means: for the LDS, the paired 95% "
+        "bootstrap interval of the difference excludes 0; for mislabel "
+        "detection, the 95% t-interval of the mean per-seed AUC difference "
+        "excludes 0; for class detection, the difference of the mean "
+        "AUCs over the test prompts is more than two standard errors from 0 "
+        "(unpaired; where a run recorded no spread, only values equal to three "
+        "decimals count as ties)."
+    )
+    return "\n\n".join(
+        [
+            note,
+            table(
+                [
+                    "benchmark",
+                    "what it measures",
+                    "DataInf",
+                    "best",
+                    "DataInf's standing",
+                ],
+                rows,
+                "llrll",
+            ),
+            "\n".join(verdicts),
+            source(LDS, MISLABEL, *(n for n in CLASS_FILES if res.exists(n))),
+        ]
+    )
+
+
+register("which-method")(_which_method)
+TABLE_PAGES["which-method"] = "which-method.md"
 
 
 # --- figures quoted in the prose ----------------------------------------------
@@ -2551,6 +2930,127 @@ PAGE_CLAIMS: Dict[str, List[Claim]] = {
     ],
 }
 """Figures quoted in other pages of `docs/`, by page: checked by the tests."""
+
+
+def _standing_of(res: Results, prefix: str) -> Standing:
+    """The first benchmark of the summary whose name starts with `prefix`."""
+    for s in standings(res):
+        if s.benchmark.startswith(prefix):
+            return s
+    raise KeyError(f"no benchmark of the summary starts with {prefix!r}")
+
+
+def _verdict(prefix: str) -> Callable[[Results], str]:
+    """`DataInf loses` (or ties, wins) on the first benchmark named `prefix...`."""
+    return lambda res: f"DataInf {_standing_of(res, prefix).verdict}"
+
+
+def _best(prefix: str) -> Callable[[Results], str]:
+    """`best: X` on the first benchmark named `prefix...`."""
+    return lambda res: f"best: {_standing_of(res, prefix).best}"
+
+
+def _lds_of(res: Results, setup: str) -> Dict[str, Any]:
+    r = _lds_setup(res, setup)
+    if r is None:
+        raise KeyError(f"no LDS results for the {setup} setup")
+    return r
+
+
+def _lds_end(setup: str, first: bool) -> Callable[[Results], str]:
+    """`X ranks first` or `X ranks last` in the LDS of a setup."""
+
+    def get(res: Results) -> str:
+        ms = _lds_of(res, setup)["methods"]
+        m = (max if first else min)(ms, key=lambda k: ms[k]["lds"])
+        return f"{LDS_LABELS[m]} ranks {'first' if first else 'last'}"
+
+    return get
+
+
+def _relation(setup: str, method: str) -> Callable[[Results], str]:
+    """`X is clearly above DataInf` (or level with, clearly below) in an LDS."""
+
+    def get(res: Results) -> str:
+        above, level, _ = _lds_groups(_lds_of(res, setup)["methods"])
+        where = (
+            "clearly above"
+            if method in above
+            else "level with"
+            if method in level
+            else "clearly below"
+        )
+        return f"{LDS_LABELS[method]} is {where} DataInf"
+
+    return get
+
+
+def _answers(setup: str) -> Callable[[Results], str]:
+    """How many test prompts the fine-tuned language model answers exactly."""
+
+    def get(res: Results) -> str:
+        exact = float(_lds_of(res, setup)["quality"]["test_exact"])
+        return "none of" if exact == 0 else "all of" if exact == 1 else "some of"
+
+    return get
+
+
+PAGE_CLAIMS["which-method.md"] = [
+    Claim(
+        "On the MiniLM classifier's LDS, DataInf loses",
+        LDS,
+        _verdict("LDS, MiniLM"),
+    ),
+    Claim("TracIn ranks first", LDS, _lds_end("classifier", first=True)),
+    Claim("Exact inverse ranks last", LDS, _lds_end("classifier", first=False)),
+    Claim(
+        "On the SmolLM2 language model's LDS, DataInf ties",
+        LDS,
+        _verdict("LDS, SmolLM2"),
+    ),
+    Claim(
+        "LiSSA ranks first and Exact inverse ranks last",
+        LDS,
+        _lds_end("causal_lm", first=True),
+    ),
+    Claim(
+        "LiSSA ranks first and Exact inverse ranks last",
+        LDS,
+        _lds_end("causal_lm", first=False),
+    ),
+    Claim(
+        "on the classifier, Hessian-free is clearly above DataInf",
+        LDS,
+        _relation("classifier", "hessian_free"),
+    ),
+    Claim(
+        "on the language model, Hessian-free is clearly below DataInf",
+        LDS,
+        _relation("causal_lm", "hessian_free"),
+    ),
+    Claim(
+        "and EK-FAC is level with DataInf",
+        LDS,
+        _relation("causal_lm", "ekfac"),
+    ),
+    Claim(
+        "on the language model, LiSSA is level with DataInf",
+        LDS,
+        _relation("causal_lm", "lissa"),
+    ),
+    Claim(
+        "it answers none of the test prompts exactly",
+        LDS,
+        _answers("causal_lm"),
+    ),
+    Claim(
+        "On BBC News DataInf loses",
+        MISLABEL,
+        _verdict("Mislabel detection, BBC News"),
+    ),
+    Claim("best: Training loss", MISLABEL, _best("Mislabel detection, BBC News")),
+]
+"""The statements of the guidance on docs/which-method.md."""
 
 
 def other_pages() -> List[str]:

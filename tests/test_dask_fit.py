@@ -179,7 +179,6 @@ def test_an_interrupted_fit_resumes_with_the_partitions_left(
     monkeypatch.setattr(PartitionedStore, "write_partition", dies_from_the_third)
     with pytest.raises(RuntimeError, match="went down"):
         model_for(path).fit(loader(x, y), client=one_worker)
-    idle(one_worker)
     monkeypatch.setattr(PartitionedStore, "write_partition", original)
     assert not path.exists() and os.path.exists(partial_path(str(path)))
     with pytest.raises(StoreExistsError, match="resume=True"):

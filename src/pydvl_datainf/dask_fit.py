@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional
 
@@ -145,6 +146,25 @@ def _rows(
             norms,
             row_digests(x, y),
         )
+
+
+def _worker_keys(dask_worker: Any) -> List[Any]:
+    """The keys a worker still holds in any state (queued, running, cancelled)."""
+    return list(dask_worker.state.tasks)
+
+
+def _wait_for_running(client: Client, keys: set, timeout: float = 300.0) -> None:
+    """Wait until no worker holds a task of `keys` any more: a running task
+    cannot be stopped, and a queued one may start before its cancellation
+    arrives, so a failed fit returns only once its tasks are gone (and none of
+    them writes after it, e.g. into a resumed fit)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = {k for ks in client.run(_worker_keys).values() for k in ks}
+        if not held & keys:
+            return
+        time.sleep(0.05)
+    logger.warning("Tasks of the failed fit are still held after %.0f s", timeout)
 
 
 def _worker_device() -> torch.device:
@@ -259,9 +279,9 @@ def fit_on_dask(
         loader = DataLoader(TensorDataset(x, y), batch_size=8)
         infl = DataInfInfluence(model, loss, store="zarr", store_path="grads.zarr",
                                 store_options={"chunk_rows": 16}, progress=False)
-        with LocalCluster(n_workers=2, processes=False) as cluster, \\
-                Client(cluster) as client:
-            infl.fit(loader, client=client)        # 4 partitions of 16 rows
+        with LocalCluster(n_workers=2, processes=False) as cluster:
+            with Client(cluster) as client:
+                infl.fit(loader, client=client)    # 4 partitions of 16 rows
         assert infl.n_train == 64
         ```
     """
@@ -339,6 +359,7 @@ def fit_on_dask(
                     bar.update()
         except BaseException:
             client.cancel(futures)  # no task of a failed fit starts after it
+            _wait_for_running(client, {f.key for f in futures})
             raise
     writer, norms, digests = store.finish()
     zs = ZarrGradientStore.from_writer(writer)

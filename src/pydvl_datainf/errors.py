@@ -18,6 +18,7 @@ __all__ = [
     "StoreMismatchError",
     "StoreCorruptError",
     "StoreReplacedError",
+    "NegligibleGradientWarning",
     "outside_stacklevel",
 ]
 
@@ -117,3 +118,8 @@ class StoreReplacedError(StoreMismatchError):
     fit) after it was opened: what is there now is not what this object was
     reading or writing. Open it again, or fit again; a subclass of
     [StoreMismatchError][pydvl_datainf.errors.StoreMismatchError]."""
+
+
+class NegligibleGradientWarning(UserWarning):
+    """Some blocks' gradients are rounding noise: their `"auto"` λ would be
+    noise-sized (see [negligible_blocks][pydvl_datainf.config.negligible_blocks])."""

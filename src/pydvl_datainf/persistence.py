@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional
 
@@ -30,7 +31,12 @@ from .config import (
     check_regularization,
     resolve_regularization,
 )
-from .errors import RegularizationError, StoreMismatchError
+from .errors import (
+    NegligibleGradientWarning,
+    RegularizationError,
+    StoreMismatchError,
+    outside_stacklevel,
+)
 from .projection import (
     ProjectionSpec,
     projections_digest,
@@ -172,6 +178,7 @@ def save_state(state: FittedState) -> None:
     (see [publish][pydvl_datainf.storage.zarr.ZarrGradientStore.publish]).
     """
     indexed = state.rows is not None and state.rows.n == state.n
+    warn_negligible(state)
     state.store.save_fit_state(
         FitState(
             n_train=state.n,
@@ -459,3 +466,18 @@ def stored_projections(state: FitState) -> Optional[Dict[str, ProjectionSpec]]:
     """The projections a store's gradients were compressed with (`None` if
     they were not), from its [FitState][pydvl_datainf.storage.FitState]."""
     return projections_from_dict(dict(state.extra or {}).get(_PROJECTIONS))
+
+
+def warn_negligible(state: FittedState) -> None:
+    """Warn about blocks whose gradients are rounding noise (a fit's check)."""
+    tiny = state.negligible_blocks()
+    if tiny:
+        warnings.warn(
+            f"The gradients of blocks {tiny} are at the level of rounding errors "
+            f"(their mean squared entry is below the dtype's epsilon squared times "
+            f"the largest block's): their 'auto' λ is noise-sized and would make "
+            f"noise dominate every score. Leave them out of the block structure "
+            f"(e.g. freeze those parameters), or give them a float λ.",
+            NegligibleGradientWarning,
+            stacklevel=outside_stacklevel(),
+        )

@@ -23,7 +23,12 @@ import torch
 
 from . import formula
 from .blocks import Block, BlockStructure
-from .config import RegularizationSpec, resolve_regularization, validate_regularization
+from .config import (
+    RegularizationSpec,
+    negligible_blocks,
+    resolve_regularization,
+    validate_regularization,
+)
 from .errors import EmptyDataError
 from .projection import ProjectionSpec
 from .rows import RowIndex
@@ -112,6 +117,11 @@ class FittedState:
     def norm_sums(self) -> OrderedDict[str, float]:
         r"""$\sum_i \lVert g_{il}\rVert^2$ per block."""
         return OrderedDict((k, float(v.sum())) for k, v in self.squared_norms.items())
+
+    def negligible_blocks(self) -> List[str]:
+        """Blocks whose gradients are at the level of rounding errors (see
+        [negligible_blocks][pydvl_datainf.config.negligible_blocks])."""
+        return negligible_blocks(self.norm_sums, self.blocks, self.dtype)
 
     def resolve(self, regularization: RegularizationSpec) -> OrderedDict[str, float]:
         r"""$\lambda_l$ per block for a spec, from this state's norms, checked."""

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -77,9 +77,11 @@ __all__ = [
     "gradient_norms",
     "lissa_factors",
     "lissa_influences",
+    "factor_influences",
     "roc_auc",
     "detection_metrics",
     "class_match_metrics",
+    "class_match_per_point",
     "rowwise_correlation",
 ]
 
@@ -227,7 +229,31 @@ def exact_factors(
     return out
 
 
-def _dot(factors: Grads, train: Grads) -> torch.Tensor:
+def factor_influences(factors: Grads, train: Grads) -> torch.Tensor:
+    r"""$\sum_l f_{t,l}^\top g_{z,l}$: influences from transformed test gradients.
+
+    Args:
+        factors: `{block: (m, d_l)}`, e.g. from [exact_factors][pydvl_datainf.experiments.baselines.exact_factors]
+            or [lissa_factors][pydvl_datainf.experiments.baselines.lissa_factors].
+        train: `{block: (n, d_l)}` training gradients.
+
+    Returns:
+        `(m, n)`, in the wider of the two dtypes.
+
+    Example:
+        ```python
+        import torch
+        from pydvl_datainf.experiments.baselines import (
+            exact_factors, exact_influences, factor_influences,
+        )
+
+        g_train = {"a": torch.randn(20, 4)}
+        g_test = {"a": torch.randn(2, 4)}
+        f = exact_factors(g_test, g_train, {"a": 0.5})
+        assert torch.allclose(factor_influences(f, g_train),
+                              exact_influences(g_test, g_train, {"a": 0.5}))
+        ```
+    """
     total: Optional[torch.Tensor] = None
     for k, f in factors.items():
         g = train[k].to(device=f.device)
@@ -277,7 +303,7 @@ def exact_influences(
         ```
     """
     factors = exact_factors(test, train, regularization)
-    return _dot(factors, train if other is None else other)
+    return factor_influences(factors, train if other is None else other)
 
 
 def _float64(grads: Grads) -> OrderedDict[str, torch.Tensor]:
@@ -339,7 +365,7 @@ def datainf_influences(
     op = DataInfOperator(state)
     if other is None:
         return op.influences(_float64(test))
-    return _dot(op.apply(_float64(test)), other)
+    return factor_influences(op.apply(_float64(test)), other)
 
 
 @torch.no_grad()
@@ -453,7 +479,9 @@ def hessian_free_influences(test: Grads, train: Grads) -> torch.Tensor:
         ```
     """
     _check(test, train)
-    return _dot(OrderedDict((k, v.double()) for k, v in test.items()), train)
+    return factor_influences(
+        OrderedDict((k, v.double()) for k, v in test.items()), train
+    )
 
 
 # -------------------------------------------------------------------- LiSSA
@@ -471,6 +499,7 @@ def lissa_factors(
     batch_size: int = 32,
     scale: Optional[float] = None,
     seed: int = 0,
+    on_step: Optional[Callable[[str, int, torch.Tensor], None]] = None,
 ) -> OrderedDict[str, torch.Tensor]:
     r"""LiSSA's estimate of $(G_l + \lambda_l I)^{-1} v$ for every test gradient.
 
@@ -503,6 +532,8 @@ def lissa_factors(
             mini-batches holding a large gradient, e.g. a mislabeled point,
             blow the recursion up).
         seed: seed of the mini-batches.
+        on_step: called after every step $t$ (from 1) of every block as
+            `on_step(block, t, h_t / s)`, e.g. to follow the convergence.
 
     Returns:
         `{block: (m, d_l)}`, float64.
@@ -534,13 +565,15 @@ def lissa_factors(
         s = float(scale) if scale is not None else 1.1 * (_max_sq_norm(g) + lam)
         h = v.clone()
         n = len(g)
-        for _ in range(iterations):
+        for step in range(iterations):
             if batch_size >= n:
                 gb = g  # the full batch: deterministic
             else:
                 gb = g[torch.randint(0, n, (batch_size,), generator=gen)]
             curv = (h @ gb.T) @ gb / len(gb) + lam * h
             h = v + h - curv / s
+            if on_step is not None:
+                on_step(k, step + 1, h / s)
         out[k] = h / s
     return out
 
@@ -577,7 +610,7 @@ def lissa_influences(
     factors = lissa_factors(
         test, train, regularization, iterations, batch_size, scale, seed
     )
-    return _dot(factors, train)
+    return factor_influences(factors, train)
 
 
 # ------------------------------------------------------------------ metrics
@@ -662,6 +695,27 @@ def class_match_metrics(
         >>> class_match_metrics(s, np.array([0, 1]), np.array([0, 0, 1]))
         {'auc': 1.0, 'recall': 1.0}
     """
+    aucs, recalls = class_match_per_point(scores, test_groups, train_groups)
+    return {"auc": float(np.mean(aucs)), "recall": float(np.mean(recalls))}
+
+
+def class_match_per_point(
+    scores: np.ndarray, test_groups: np.ndarray, train_groups: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The AUC and the recall of every test point, as in [class_match_metrics][pydvl_datainf.experiments.baselines.class_match_metrics].
+
+    Test points whose class holds no training point, or every training
+    point, are left out.
+
+    Returns:
+        `(aucs, recalls)`, one value per test point kept.
+
+    Example:
+        >>> s = np.array([[2.0, 1.0, 0.0], [1.0, 0.5, 0.0]])
+        >>> aucs, recalls = class_match_per_point(s, np.array([0, 1]), np.array([0, 0, 1]))
+        >>> aucs.tolist(), recalls.tolist()
+        ([1.0, 0.0], [1.0, 0.0])
+    """
     scores = np.asarray(scores, dtype=np.float64)
     test_groups = np.asarray(test_groups)
     train_groups = np.asarray(train_groups)
@@ -674,7 +728,7 @@ def class_match_metrics(
         aucs.append(roc_auc(scores[j], same))
         top = np.argsort(-scores[j], kind="stable")[:k]
         recalls.append(float(same[top].mean()))
-    return {"auc": float(np.mean(aucs)), "recall": float(np.mean(recalls))}
+    return np.array(aucs), np.array(recalls)
 
 
 def rowwise_correlation(

@@ -188,10 +188,13 @@ def _listing(path: str, storage_options: Optional[Mapping[str, Any]]) -> PathSta
         if fs.isdir(root) and not fs.ls(root, detail=False):
             return PathState.EMPTY
         return PathState.FOREIGN
-    if not os.path.lexists(path):
+    try:
+        if not os.path.lexists(path):
+            return PathState.ABSENT
+        if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+            return PathState.EMPTY
+    except FileNotFoundError:  # removed or renamed while we looked
         return PathState.ABSENT
-    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
-        return PathState.EMPTY
     return PathState.FOREIGN
 
 
@@ -239,7 +242,8 @@ def inspect_path(
     try:
         group = open_zarr_group(p, "r", storage_options)
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-        return PathStatus(PathState.FOREIGN)  # files, but no group
+        # files but no group, or the path went away while we looked
+        return PathStatus(_listing(p, storage_options))
     except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError):
         return PathStatus(PathState.FOREIGN)  # an array, not a group
     attrs = dict(group.attrs)

@@ -218,6 +218,22 @@ class PartitionedStore:
             "dtype": str(dtype).replace("torch.", ""),
         }
         want = {**dict(identity), **layout}
+
+        def make(store_id: str) -> PartitionedStore:
+            return cls(
+                path,
+                location,
+                store_id,
+                block_names,
+                sizes,
+                n,
+                dtype=dtype,
+                chunk_rows=chunk_rows,
+                partition_rows=partition_rows,
+                overwrite=overwrite,
+                storage_options=storage_options,
+            )
+
         found = inspect_path(location, storage_options, GRADIENT_STORE)
         unfinished = found.state == PathState.OWNED
         if unfinished and resume:
@@ -232,19 +248,7 @@ class PartitionedStore:
                     f"Pass overwrite=True to start again."
                 )
             logger.info("Resuming the unfinished fit at %s", location)
-            return cls(
-                path,
-                location,
-                str(found.attrs["store_id"]),
-                block_names,
-                sizes,
-                n,
-                dtype=dtype,
-                chunk_rows=chunk_rows,
-                partition_rows=partition_rows,
-                overwrite=overwrite,
-                storage_options=storage_options,
-            )
+            return make(str(found.attrs["store_id"]))
         if unfinished and not overwrite:
             raise StoreExistsError(
                 f"An unfinished fit of a gradient store for {path!r} is at "
@@ -266,19 +270,7 @@ class PartitionedStore:
             staging=location,
         )
         create_grad_arrays(group, sizes, chunk_rows, dtype, compressors, n=n)
-        out = cls(
-            path,
-            location,
-            store_id,
-            block_names,
-            sizes,
-            n,
-            dtype=dtype,
-            chunk_rows=chunk_rows,
-            partition_rows=partition_rows,
-            overwrite=overwrite,
-            storage_options=storage_options,
-        )
+        out = make(store_id)
         create_checked_array(
             group,
             "partitions_done",
@@ -290,11 +282,8 @@ class PartitionedStore:
 
     # ------------------------------------------------------------ state
     def _group(self, mode: str = "r") -> Any:
-        group = open_zarr_group(self.location, mode, self.storage_options)  # type: ignore[arg-type]
-        now = str(group.attrs.get("store_id", ""))
-        if now != self.store_id:
-            raise replaced_error(self.path, self.store_id, now, "writing")
-        return group
+        self.check_owner("writing" if mode != "r" else "reading")
+        return open_zarr_group(self.location, mode, self.storage_options)  # type: ignore[arg-type]
 
     def check_owner(self, doing: str) -> None:
         """Raise unless the store being written is still this one."""

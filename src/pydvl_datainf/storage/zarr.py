@@ -388,12 +388,16 @@ class ZarrGradientStore(GradientStore):
             raise replaced_error(self.path, self._store_id, now, doing)
 
     def _checked(self, read: Callable[..., T], *args: Any) -> T:
-        """`read(*args)`; a failed chunk check of a replaced store says so."""
+        """`read(*args)`; any failed read of a store that was replaced (a
+        chunk check, or a file that a rename took away) says so."""
         try:
             return read(*args)
-        except StoreMismatchError as e:
-            if not isinstance(e, StoreReplacedError):
-                self._check_owner("reading")
+        except StoreReplacedError:
+            raise
+        except Exception as e:
+            now = self.disk_store_id()
+            if now != self._store_id:
+                raise replaced_error(self.path, self._store_id, now, "reading") from e
             raise
 
     def read(self, start: int, stop: int) -> Dict[str, torch.Tensor]:
@@ -464,7 +468,9 @@ class ZarrGradientStore(GradientStore):
             yield from super().iter_chunks(rows, wanted, buffers)
             return
         assert self._dtype is not None
-        readers = [self._reader(name) for name in self._grad_names()]
+        readers = self._checked(
+            lambda: [self._reader(name) for name in self._grad_names()]
+        )
         ring = [[r.new_buffer() for r in readers] for _ in range(max(0, buffers))]
         dtype = self._dtype
 

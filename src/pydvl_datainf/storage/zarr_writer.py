@@ -175,7 +175,7 @@ class ZarrStoreWriter:
     def group(self, doing: str) -> Any:
         """The store's group, open for writing, after checking it is ours."""
         self.check_owner(doing)
-        if self._group.read_only:
+        if self._group is None or self._group.read_only:
             self._group = open_zarr_group(self.location, "r+", self.storage_options)
         return self._group
 
@@ -304,7 +304,7 @@ class ZarrStoreWriter:
                 self._staging.detach()
                 self._staging = None
             self.location = self.path
-            self._group = open_zarr_group(self.path, "r", self.storage_options)
+            self._group = None  # reopened if needed: it may be replaced already
 
     def close(self) -> None:
         """Stop writing; a store that was never published is removed."""
