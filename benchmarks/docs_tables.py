@@ -2369,8 +2369,9 @@ ERROR_COMMAND = (
 )
 LLM_SCALE = "compression/smollm2-scale.json"
 LLM_SCALE_COMMAND = (
-    "python benchmarks/bench_llm_scale.py --n-train 2000 --family {family} "
-    "--size {size} --out benchmarks/results/compression/smollm2-scale.json"
+    "python benchmarks/bench_llm_scale.py --n-train {n} --family {family} "
+    "--size {size} --profile-rows {rows} "
+    "--out benchmarks/results/compression/smollm2-scale.json"
 )
 FAMILY_NAMES = {
     "gaussian": "dense Gaussian, k_l per block",
@@ -2525,8 +2526,8 @@ def model_name(r: Dict[str, Any]) -> str:
 
 def _scale_command(r: Dict[str, Any]) -> str:
     c = r["compression"]
-    return LLM_SCALE_COMMAND.format(family=c["family"], size=c["size"]).replace(
-        "--n-train 2000", f"--n-train {r['n_train']}"
+    return LLM_SCALE_COMMAND.format(
+        n=r["n_train"], family=c["family"], size=c["size"], rows=r["profile"]["rows"]
     )
 
 
@@ -2555,7 +2556,9 @@ def _scale_table(
     def deco(fn: Callable[[Dict[str, Any]], str]) -> Callable[[Results], str]:
         def render_table(res: Results) -> str:
             if not res.exists(LLM_SCALE):
-                command = LLM_SCALE_COMMAND.format(family="kronecker", size=8)
+                command = LLM_SCALE_COMMAND.format(
+                    n=1500, family="gaussian", size=17, rows=32
+                )
                 return not_stored(LLM_SCALE, command, what)
             return fn(res.json(LLM_SCALE))
 
