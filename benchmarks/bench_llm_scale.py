@@ -30,12 +30,12 @@ Usage (the figures on the "Scaling to LLMs" page):
 
     python benchmarks/bench_compression_error.py --model smollm2 \
         --out benchmarks/results/compression/smollm2.json
-    python benchmarks/bench_llm_scale.py --n-train 1500 --family gaussian \
+    python benchmarks/bench_llm_scale.py --n-train 1000 --family gaussian \
         --size 17 --profile-rows 32 \
         --out benchmarks/results/compression/smollm2-scale.json
 
-(1,500 rows fit one thread of a shared 2-core machine in about half an hour;
-the 5,000 rows that show the scale better take about three times as long.)
+(1,000 rows take about half an hour of one thread's CPU time; the 5,000 rows
+that show the scale better take about five times as long.)
 """
 
 from __future__ import annotations
@@ -318,7 +318,7 @@ def profile(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-train", type=int, default=1500)
+    ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--family", choices=cc.FAMILIES, default="gaussian")

@@ -212,7 +212,22 @@ def _measured_fit() -> Dict[str, Any]:
             "file": SCALE,
             "what": "the same, predicted from the FLOP formulas",
         },
+        "cpu_plain_gflops": {
+            "kind": "measured",
+            "value": plain_gflops(scale),
+            "file": SCALE,
+            "what": "the plain epoch of that job: its FLOPs by the formula of the "
+            "floor, over its CPU time (GFLOP/s, one thread)",
+        },
     }
+
+
+def plain_gflops(scale: Dict[str, Any]) -> float:
+    """The rate at which the measured plain epoch ran, by the floor's FLOP
+    formula: a check of that formula against the CPU's rate."""
+    tokens = int(scale["tokens"])
+    flops = floor_flops_per_token(SMOLLM2, tokens) * tokens * int(scale["n_train"])
+    return flops / scale["fit"]["plain_epoch"]["cpu_s"] / 1e9
 
 
 def _measured_projection(

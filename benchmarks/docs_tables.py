@@ -2557,7 +2557,7 @@ def _scale_table(
         def render_table(res: Results) -> str:
             if not res.exists(LLM_SCALE):
                 command = LLM_SCALE_COMMAND.format(
-                    n=1500, family="gaussian", size=17, rows=32
+                    n=1000, family="gaussian", size=17, rows=32
                 )
                 return not_stored(LLM_SCALE, command, what)
             return fn(res.json(LLM_SCALE))
@@ -2670,10 +2670,13 @@ def _llm_scale_latency(r: Dict[str, Any]) -> str:
         ],
     ]
     once = [
-        ["the k_l × k_l matrices (once per λ)", _fmt_s(lat["curvature_precompute"])],
-        ["exact flat index build", _fmt_s(lat["flat_build"])],
-        ["HNSW index build", _fmt_s(lat["hnsw_build"])],
-        ["IVF index build (k-means)", _fmt_s(lat["ivf_build"])],
+        [what, _ms(lat[key]["wall_s"]), _ms(lat[key]["cpu_s"])]
+        for what, key in (
+            ("the k_l × k_l matrices (once per λ)", "curvature_precompute"),
+            ("exact flat index build", "flat_build"),
+            ("HNSW index build", "hnsw_build"),
+            ("IVF index build (k-means)", "ivf_build"),
+        )
     ]
     return "\n\n".join(
         [
@@ -2681,7 +2684,7 @@ def _llm_scale_latency(r: Dict[str, Any]) -> str:
             f"{lat['queries']} test sequences; per query, wall time and CPU time. "
             f"Recall: of the exact top-{top}.",
             table(["step", "per query", "CPU", f"recall@{top}"], rows, "lrrr"),
-            table(["done once", "time"], once, "lr"),
+            table(["done once", "time", "CPU"], once, "lrr"),
             source(LLM_SCALE, command=_scale_command(r)),
         ]
     )
