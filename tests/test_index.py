@@ -85,6 +85,32 @@ def test_approximate_search_finds_most_of_the_exact_top_k(rows, queries, options
     )
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        IndexOptions(kind="hnsw", ef_search=4000),
+        IndexOptions(kind="ivf", nlist=8, nprobe=8),
+    ],
+    ids=["hnsw", "ivf"],
+)
+@pytest.mark.parametrize("scale", [1e-6, 1e8])
+def test_approximate_search_ignores_the_length_of_the_queries(
+    rows, queries, options, scale
+):
+    # R g_t is about 1/lambda times longer than the rows: with a small lambda
+    # the inner products must not vanish in the distances' rounding. An
+    # exhaustive search (every cluster, ef above n) finds the exact top-k.
+    index = MipsIndex.build(rows, options)
+    long = queries.double() * scale
+    scores, ids = index.search(long.float(), 20)
+    exact = exact_top(long, rows.double(), 20)
+    assert recall_at_k(ids, exact.indices) >= 0.99
+    found = torch.gather(long @ rows.double().T, 1, ids).float()
+    assert torch.allclose(
+        scores, found, rtol=1e-3, atol=1e-3 * float(found.abs().max())
+    )
+
+
 def test_fewer_probes_lose_recall_and_need_no_rebuild(rows, queries):
     index = MipsIndex.build(rows, IndexOptions(kind="ivf", nlist=64, nprobe=64))
     exact = exact_top(queries, rows, 50).indices

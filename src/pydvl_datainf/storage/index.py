@@ -384,10 +384,22 @@ class MipsIndex:
         if self.options.kind == "flat":
             scores, ids = self.index.search(q, k)
         else:
-            padded = np.concatenate([q, np.zeros((len(q), 1), np.float32)], axis=1)
+            # Each query scaled to the rows' norm bound B (the order of its
+            # inner products is unchanged): a distance is |q|^2 + B^2 - 2 q.x,
+            # and with |q| >> B, as R g_t is for a small lambda, the inner
+            # products would vanish in the float32 rounding of the distances.
+            norms = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))[:, None]
+            factor = np.divide(
+                self.norm_bound,
+                norms,
+                out=np.ones_like(norms),
+                where=(norms > 0) & (self.norm_bound > 0),  # all-zero rows: as is
+            )
+            scaled = (q * factor).astype(np.float32)
+            padded = np.concatenate([scaled, np.zeros((len(q), 1), np.float32)], axis=1)
             dist, ids = self.index.search(padded, k)
-            qq = np.einsum("ij,ij->i", q, q)[:, None]
-            scores = (qq + self.norm_bound**2 - dist) / 2
+            qq = np.einsum("ij,ij->i", scaled, scaled, dtype=np.float64)[:, None]
+            scores = ((qq + self.norm_bound**2 - dist) / 2 / factor).astype(np.float32)
             scores[ids < 0] = -np.inf
         return sign * torch.from_numpy(np.ascontiguousarray(scores)), torch.from_numpy(
             ids
