@@ -34,8 +34,8 @@ Usage (the figures on the "Scaling to LLMs" page):
         --size 17 --profile-rows 32 \
         --out benchmarks/results/compression/smollm2-scale.json
 
-(1,000 rows take about half an hour of one thread's CPU time; the 5,000 rows
-that show the scale better take about five times as long.)
+(1,000 rows take about a quarter of an hour of one thread's CPU time; the
+5,000 rows that show the scale better take about five times as long.)
 """
 
 from __future__ import annotations
