@@ -558,7 +558,9 @@ class FineTuning:
 
     The defaults are the paper's: LoRA of rank 8, $\alpha = 32$, dropout
     0.05 on the query and value projections; the loss on the whole text
-    (scope `"text"`, the end-of-sequence token included); AdamW at a
+    (scope `"text"`, the end-of-sequence token included: the paper's text
+    ends with it, though its collator, whose padding token is the
+    end-of-sequence token, leaves that token out of the loss); AdamW at a
     learning rate of $3 \cdot 10^{-4}$ falling linearly to 0. The paper
     trains 10 epochs of its 900 rows with batches of 64 and 16 steps of
     gradient accumulation, that is, about one update per epoch: 10 updates.
