@@ -851,7 +851,13 @@ def influence_scores(
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size)
     infl.fit(loader)
     g_train = baselines.training_gradients(infl)
-    g_test = infl.per_sample_gradients(x_test, y_test)
+    parts = [
+        infl.per_sample_gradients(
+            x_test[i : i + batch_size], y_test[i : i + batch_size]
+        )
+        for i in range(0, len(x_test), batch_size)
+    ]  # in batches: the activations of a whole test set can take many GB
+    g_test = OrderedDict((k, torch.cat([p[k] for p in parts])) for k in parts[0])
     seconds["gradients"] = time.perf_counter() - t
     lam = infl.block_regularization
     exact: Dict[str, torch.Tensor] = {}
