@@ -83,8 +83,10 @@ def _ratio(model, loader, engine: str, repeats: int, **options) -> dict:
     for _ in range(repeats):  # interleaved, so both see the same load
         floors.append(timeit(floor, 1, warmup=0))
         fits.append(timeit(fit, 1, warmup=0))
-    cache = fit().store
+    fitted = fit()
+    cache = fitted.store
     return {
+        "n_blocks": len(fitted.blocks),
         "floor_s": statistics.median(floors),
         "fit_s": statistics.median(fits),
         "ratio": statistics.median(f / b for f, b in zip(fits, floors)),
@@ -147,20 +149,16 @@ def _custom(results: dict, repeats: int) -> None:
     model, loader = _mlp_data(bare=True)
     with warnings.catch_warnings():  # the fallback warning: expected here
         warnings.simplefilter("ignore")
-        # one block per parameter (lora_A, lora_B): the blocks of the rule-based
-        # LoRA-MLP, whose adapters are separate nn.Linear modules
-        results["custom_lora_mlp_hooks"] = _ratio(
-            model, loader, "hooks", repeats, block_structure="parameter"
-        )
+        # the default blocks: one per LoRA matrix (lora_A, lora_B), the blocks
+        # of the rule-based LoRA-MLP, whose adapters are nn.Linear modules
+        results["custom_lora_mlp_hooks"] = _ratio(model, loader, "hooks", repeats)
         # one block per custom layer (lora_A and lora_B together): a block of
         # two rank-one parameters is not rank one, so its cache is dense
         results["custom_lora_mlp_hooks_layer_blocks"] = _ratio(
-            model, loader, "hooks", repeats
+            model, loader, "hooks", repeats, block_structure="module"
         )
         results["custom_lora_mlp_hooks_engine"] = _engine_ratio(model, loader, repeats)
-        results["custom_lora_mlp_func"] = _ratio(
-            model, loader, "func", repeats, block_structure="parameter"
-        )
+        results["custom_lora_mlp_func"] = _ratio(model, loader, "func", repeats)
 
 
 def _engine_ratio(model, loader, repeats: int) -> dict:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from scipy.stats import t as student_t
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NOTEBOOK_RESULTS = ROOT / "notebooks" / "results"
@@ -60,6 +62,7 @@ __all__ = [
     "Results",
     "TABLES",
     "check",
+    "check_page",
     "main",
     "regions",
     "render",
@@ -209,6 +212,60 @@ def _mlp_matrix(res: Results) -> str:
             table(["measurement", f"time (median of {repeats} runs)"], rows, "lr"),
             source(
                 "bench_mlp_matrix.txt", command="python benchmarks/bench_mlp_matrix.py"
+            ),
+        ]
+    )
+
+
+@register("safety-checks")
+def _safety_checks(res: Results) -> str:
+    r = res.json("bench_checks.json")
+    floor = r["floor"]
+    rows = [
+        [
+            "plain forward+backward epoch over the training data",
+            f"{floor['train_epoch_s'] * 1e3:.1f} ms",
+            "",
+        ],
+        [
+            "plain forward+backward epoch over the test data",
+            f"{floor['test_epoch_s'] * 1e3:.1f} ms",
+            "",
+        ],
+        [
+            "DataInf's three matrix products on these shapes",
+            f"{floor['gemms_s'] * 1e3:.1f} ms",
+            "",
+        ],
+        ["**the floor**", f"**{floor['total_s'] * 1e3:.1f} ms**", "1.00×"],
+        [
+            "**the job**: `fit`, then the whole matrix through `SequentialInfluenceCalculator`",
+            f"**{r['job_s'] * 1e3:.1f} ms**",
+            f"**{ratio(r['job_over_floor'])}**",
+        ],
+    ]
+    for c in r["checks"]:
+        rows.append(
+            [
+                f"in the job: {c['check']}, {c['calls']} calls",
+                f"{c['seconds'] * 1e3:.2f} ms",
+                f"{100 * c['share_of_floor']:.1f}% of the floor",
+            ]
+        )
+    rows.append(
+        [
+            "the job without the time of these checks",
+            f"{(r['job_s'] - r['checks_s']) * 1e3:.1f} ms",
+            ratio(r["job_without_checks_over_floor"]),
+        ]
+    )
+    return "\n\n".join(
+        [
+            table(["measurement", "time (median run)", "× the floor"], rows, "lrr"),
+            source(
+                "bench_checks.json",
+                command="python benchmarks/bench_checks.py --out "
+                "benchmarks/results/bench_checks.json",
             ),
         ]
     )
@@ -854,10 +911,10 @@ CUSTOM_LORA_COMMAND = (
     "--out benchmarks/results/bench_fit_custom_lora.json"
 )
 CUSTOM_JOBS = {
-    "custom_lora_mlp_hooks": "custom LoRA module, hooks engine, one block per parameter (the blocks of the LoRA-MLP above)",
-    "custom_lora_mlp_hooks_layer_blocks": "the same, one block per custom layer (`lora_A` and `lora_B` together)",
+    "custom_lora_mlp_hooks": "custom LoRA module, hooks engine, the default blocks: one per `lora_A` and one per `lora_B` (as for the LoRA-MLP above)",
+    "custom_lora_mlp_hooks_layer_blocks": 'the same, `block_structure="module"`: one block per custom layer (`lora_A` and `lora_B` together)',
     "custom_lora_mlp_hooks_engine": "the same, per-sample gradients only (the engine without the cache)",
-    "custom_lora_mlp_func": "the same, `torch.func` over the whole model, one block per parameter",
+    "custom_lora_mlp_func": "the same, `torch.func` over the whole model, the default blocks",
 }
 
 
@@ -891,6 +948,94 @@ def _fit_custom_lora(res: Results) -> str:
             source(CUSTOM_LORA, command=CUSTOM_LORA_COMMAND),
         ]
     )
+
+
+# --- the classification head (a table of docs/own-models.md) ---------------------
+
+HEAD = "head_blocks.json"
+HEAD_COMMAND = (
+    "python benchmarks/head_blocks.py --out benchmarks/results/head_blocks.json"
+)
+HEAD_CHOICES = {
+    "lora_only": "LoRA only (`include_head=False`)",
+    "head_only": "head only",
+    "both": "both (default)",
+}
+
+
+def _head_runs(res: Results, dataset: str) -> List[Dict[str, Any]]:
+    return [r for r in res.json(HEAD)["runs"] if r["dataset"] == dataset]
+
+
+def _head_stat(res: Results, dataset: str, key: str, choice: str = "") -> str:
+    """`mean ± std` over the seeds of a run's value (an AUC when `choice`)."""
+    runs = _head_runs(res, dataset)
+    values = [r["auc"][choice] if choice else r[key] for r in runs]
+    mean, std = _stats(values)
+    if key == "relative_change":
+        return f"{100 * mean:.1f}% ± {100 * std:.1f}%"
+    return mean_std(mean, std)
+
+
+@register("head-blocks")
+def _head_blocks(res: Results) -> str:
+    doc = res.json(HEAD)
+    datasets = list(dict.fromkeys(r["dataset"] for r in doc["runs"]))
+    rows = []
+    for ds in datasets:
+        runs = _head_runs(res, ds)
+        means = {c: _stats([r["auc"][c] for r in runs])[0] for c in HEAD_CHOICES}
+        best = max(round(v, 3) for v in means.values())
+        rows.append(
+            [
+                DATASET_LABELS.get(ds, ds),
+                *(
+                    bold(_head_stat(res, ds, "auc", c), round(means[c], 3) == best)
+                    for c in HEAD_CHOICES
+                ),
+                _head_stat(res, ds, "relative_change"),
+                _head_stat(res, ds, "harm_spearman"),
+            ]
+        )
+    seeds = len(_head_runs(res, datasets[0]))
+    first = doc["runs"][0]
+    heads = _listing(
+        [
+            f"{_head_runs(res, ds)[0]['head_parameters']:,} on "
+            f"{DATASET_LABELS.get(ds, ds)}"
+            for ds in datasets
+        ]
+    )
+    return "\n\n".join(
+        [
+            table(
+                [
+                    "data set",
+                    *(f"AUC, {label}" for label in HEAD_CHOICES.values()),
+                    "change of the scores",
+                    "rank correlation",
+                ],
+                rows,
+                "lrrrrr",
+            ),
+            f"Mean ± standard deviation over {seeds} seed{'s' * (seeds != 1)}; per run, "
+            f"{first['n_train']} training texts (20% of the labels flipped) and "
+            f"{first['n_test']} clean test texts. AUC: the ROC AUC of the "
+            "mislabel scores at finding the flipped labels, with the blocks "
+            "named. Change of the scores: the relative Frobenius norm of the "
+            "difference of the score matrices with and without the head block, "
+            "‖S_both − S_LoRA‖ / ‖S_LoRA‖. Rank correlation: Spearman's, of "
+            "the mislabel scores with and without the head block. The adapters "
+            f"have {first['lora_parameters']:,} parameters in "
+            f"{first['n_blocks']['lora_only']} blocks, the head {heads}.",
+            source(HEAD, command=HEAD_COMMAND),
+        ]
+    )
+
+
+TABLE_PAGES: Dict[str, str] = {"head-blocks": "own-models.md"}
+"""Tables shown on another page of `docs/` than the benchmarks page:
+`{table: page}` (more entries are added below, next to their tables)."""
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -1063,6 +1208,383 @@ def _cells(line: str) -> List[str]:
     """The cells of a markdown table row (escaped pipes kept in their cell)."""
     inner = line.strip()[1:-1]
     return [c.strip() for c in re.split(r"(?<!\\)\|", inner)]
+
+
+# --- which method, when: the LDS and the verdicts (docs/which-method.md) ------
+
+LDS = NB + "lds.json"
+LDS_COMMAND = (
+    "python -m pydvl_datainf.experiments.lds --mode full --setup {} "
+    "--out notebooks/results/lds.json"
+)
+LDS_SETUPS = ("classifier", "causal_lm")
+LDS_LABELS = {**INFLUENTIAL_LABELS, "tracin": "TracIn"}
+LDS_SCOPES = {"answer": "answer", "text": "whole text", "prompt": "prompt"}
+
+
+def _lds_setup_label(r: Dict[str, Any]) -> str:
+    c = r["config"]
+    if r["setup"] == "classifier":
+        data = DATASET_LABELS.get(c["dataset"], c["dataset"])
+        return (
+            f"{c['model']} + LoRA r={c['rank']}, {data} ({c['n_train']} training "
+            f"and {c['n_test']} test texts)"
+        )
+    return (
+        f"{c['model']} + LoRA r={c['rank']}, {c['task']} ({c['classes']} classes, "
+        f"{c['n_train']} training and {c['n_test']} test examples, training "
+        f"loss on the {LDS_SCOPES.get(c['train_scope'], c['train_scope'])}, test "
+        f"loss on the {LDS_SCOPES.get(c['test_scope'], c['test_scope'])})"
+    )
+
+
+def _ci(lo: float, hi: float) -> str:
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _lds_groups(methods: Dict[str, Any]) -> Tuple[List[str], List[str], List[str]]:
+    """Methods above, level with, and below DataInf (paired 95% intervals)."""
+    above, level, below = [], [], []
+    for m, v in methods.items():
+        if m == "datainf":
+            continue
+        lo, hi = v["difference_ci"]
+        (above if lo > 0 else below if hi < 0 else level).append(m)
+    return above, level, below
+
+
+def _lds_setup(res: Results, setup: str) -> Optional[Dict[str, Any]]:
+    if not res.exists(LDS):
+        return None
+    return res.json(LDS).get("setups", {}).get(setup)
+
+
+def _lds_table(res: Results) -> str:
+    out = []
+    for setup in LDS_SETUPS:
+        r = _lds_setup(res, setup)
+        if r is None:
+            out.append(
+                f"*Not in the repository yet, so not shown: the {setup} setup. To "
+                f"measure it, run `{LDS_COMMAND.format(setup)}` and "
+                "`python benchmarks/docs_tables.py --write`.*"
+            )
+            continue
+        ms = r["methods"]
+        best = max(v["lds"] for v in ms.values())
+        rows = []
+        for m, v in ms.items():
+            diff = (
+                "—"
+                if m == "datainf"
+                else f"{v['difference']:+.3f} {_ci(*v['difference_ci'])}"
+            )
+            rows.append(
+                [
+                    LDS_LABELS.get(m, m),
+                    bold(f3(v["lds"]), f3(v["lds"]) == f3(best)),
+                    _ci(*v["ci"]),
+                    diff,
+                ]
+            )
+        above, level, below = _lds_groups(ms)
+        d = ms["datainf"]
+        rank = 1 + sum(v["lds"] > d["lds"] for v in ms.values())
+        names = {
+            k: [LDS_LABELS.get(m, m) for m in g]
+            for k, g in (("above", above), ("level", level), ("below", below))
+        }
+        parts = [f"DataInf's LDS {f3(d['lds'])} ranks {rank} of {len(ms)}"]
+        if names["above"]:
+            parts.append(f"clearly below {_listing(names['above'])}")
+        if names["level"]:
+            parts.append(f"level with {_listing(names['level'])}")
+        if names["below"]:
+            parts.append(f"clearly above {_listing(names['below'])}")
+        c, metric, q = r["config"], r["metric"], r["quality"]
+        quality = (
+            f"test accuracy {f3(q['test_accuracy'])}, "
+            if "test_accuracy" in q
+            else f"exact match on the test prompts {f3(q['test_exact'])}, "
+        ) + (
+            f"mean test loss {f3(q['test_loss'])}, against "
+            f"{f3(q['subset_test_loss'])} for the models retrained on the subsets"
+        )
+        out.append(
+            f"**{_lds_setup_label(r)}**: {metric['n_subsets']} subsets of "
+            f"{metric['subset_size']}, {c['epochs']} epochs (batch {c['batch_size']}, "
+            f"learning rate {c['lr']:g}) on each; the model fine-tuned on the whole "
+            f"set ({quality}) gives the scores; TracIn over "
+            f"{len(c['checkpoints'])} checkpoints. The whole run took "
+            f"{r['seconds']['total']['cpu'] / 60:.0f} minutes of CPU time."
+        )
+        out.append(
+            table(
+                [
+                    "method",
+                    "LDS",
+                    "95% interval",
+                    "minus DataInf (95% interval)",
+                ],
+                rows,
+                "lrrr",
+            )
+        )
+        out.append("* " + "; ".join(parts) + ".")
+    boot = None
+    for setup in LDS_SETUPS:
+        r = _lds_setup(res, setup)
+        if r is not None:
+            boot = r["metric"]["bootstrap"]
+    if boot is not None:
+        out.insert(
+            0,
+            "LDS: the Spearman correlation, across the retrained subsets, between "
+            "each test point's predicted loss (minus the sum of its scores over "
+            "the subset) and its actual loss, averaged over the test points; "
+            f"best per setup in bold. Intervals: percentile bootstrap over "
+            f"{boot['over']} ({boot['resamples']} resamples), paired for the "
+            "difference to DataInf.",
+        )
+        out.append(source(LDS, command=LDS_COMMAND.format("SETUP")))
+    return "\n\n".join(out)
+
+
+register("lds")(_lds_table)
+TABLE_PAGES["lds"] = "which-method.md"
+
+
+def _mislabel_standing(
+    doc: Dict[str, Any], dataset: str
+) -> Tuple[Dict[str, float], List[str], List[str], List[str]]:
+    """Mean AUC per method; methods above, level with, below DataInf.
+
+    Paired over seeds: a method is above (below) DataInf when the 95%
+    t-interval of the mean of its per-seed AUC differences lies above
+    (below) 0.
+    """
+    runs = [r for r in _mislabel_main(doc) if r["dataset"] == dataset]
+    by: Dict[str, Dict[int, float]] = {}
+    for r in runs:
+        by.setdefault(r["method"], {})[r["seed"]] = float(r["auc"])
+    ours = by["DataInf"]
+    means = {m: statistics.fmean(v.values()) for m, v in by.items()}
+    above, level, below = [], [], []
+    for m, v in by.items():
+        if m == "DataInf":
+            continue
+        diffs = [v[s] - ours[s] for s in ours]
+        mean, std = _stats(diffs)
+        half = student_t.ppf(0.975, len(diffs) - 1) * std / math.sqrt(len(diffs))
+        (above if mean - half > 0 else below if mean + half < 0 else level).append(m)
+    return means, above, level, below
+
+
+def _standing(above: Sequence[str], level: Sequence[str], below: Sequence[str]) -> str:
+    """The verdict, in bold, then who is ahead of, level with and behind DataInf."""
+    verdict = "loses" if above else "ties" if level else "wins"
+    parts = [
+        f"{what} {_listing(list(names))}"
+        for what, names in (
+            ("behind", above),
+            ("level with", level),
+            ("ahead of", below),
+        )
+        if names
+    ]
+    return f"**{verdict}**: " + "; ".join(parts)
+
+
+CLASS_SCOPES = {
+    "prompt": "gradients on the prompt, the paper's scope",
+    "answer": "gradients on the answer",
+    "target": "loss on the completion",
+    "sequence": "loss on the whole text",
+}
+"""The class-detection runs the summary shows, by gradient scope or loss."""
+
+CLASS_FILES = (INFLUENTIAL, NB + "influential_data_full_finetune.json")
+"""The class-detection results the summary reads, those that exist."""
+
+
+def _class_detection(
+    res: Results,
+) -> List[Tuple[str, Dict[str, Dict[str, Any]], Optional[int]]]:
+    """`(label, {method: metrics}, test prompts)` of every class-detection run.
+
+    Reads both forms of the tutorial's results: runs of the paper's
+    fine-tune with several gradient scopes on one adapter (`runs`), and runs
+    of a full fine-tune, one per task and loss (`tasks`).
+    """
+    out: List[Tuple[str, Dict[str, Dict[str, Any]], Optional[int]]] = []
+    for name in CLASS_FILES:
+        if not res.exists(name):
+            continue
+        doc = res.json(name)
+        for r in doc.get("runs", []):
+            cfg = r.get("config", {})
+            n = cfg.get("classes", 0) * cfg.get("n_test_per_class", 0) or None
+            for scope, what in CLASS_SCOPES.items():
+                if scope in r.get("scopes", {}):
+                    label = f"{r['task']} (paper's fine-tune, {what})"
+                    out.append((label, r["scopes"][scope]["methods"], n))
+        for t in doc.get("tasks", []):
+            what = CLASS_SCOPES[t["config"]["loss_on"]]
+            out.append((f"{t['task']} (full fine-tune, {what})", t["methods"], None))
+    return out
+
+
+def _class_standing(
+    ms: Dict[str, Dict[str, Any]], n_test: Optional[int]
+) -> Tuple[List[str], List[str], List[str]]:
+    """Methods above, level with and below DataInf in class-match AUC."""
+    ours = ms["datainf"]
+    above, level, below = [], [], []
+    for m in sorted(ms, key=lambda m: -ms[m]["auc"]):
+        if m == "datainf":
+            continue
+        v = ms[m]
+        if n_test and "auc_std" in v and "auc_std" in ours:
+            diff = v["auc"] - ours["auc"]
+            half = 2 * math.hypot(v["auc_std"], ours["auc_std"]) / math.sqrt(n_test)
+        else:
+            diff, half = float(f3(v["auc"])) - float(f3(ours["auc"])), 0.0
+        (above if diff > half else below if diff < -half else level).append(m)
+    return above, level, below
+
+
+@dataclass(frozen=True)
+class Standing:
+    """DataInf on one benchmark: its value, the best method's, who is ahead."""
+
+    benchmark: str
+    measures: str
+    datainf: float
+    best: str
+    best_value: float
+    above: Tuple[str, ...]
+    level: Tuple[str, ...]
+    below: Tuple[str, ...]
+
+    @property
+    def verdict(self) -> str:
+        """`loses`, `ties` or `wins`."""
+        return "loses" if self.above else "ties" if self.level else "wins"
+
+
+def standings(res: Results) -> List[Standing]:
+    """DataInf's standing on every benchmark of the summary, in table order."""
+    out: List[Standing] = []
+    for setup in LDS_SETUPS:
+        r = _lds_setup(res, setup)
+        if r is None:
+            continue
+        ms = r["methods"]
+        best = max(ms, key=lambda m: ms[m]["lds"])
+        groups = [tuple(LDS_LABELS[m] for m in g) for g in _lds_groups(ms)]
+        out.append(
+            Standing(
+                f"LDS, {_lds_setup_label(r)}",
+                "predicts the test losses of retrained models",
+                ms["datainf"]["lds"],
+                LDS_LABELS[best],
+                ms[best]["lds"],
+                *groups,
+            )
+        )
+    doc = res.json(MISLABEL)
+    for ds in doc["config"]["datasets"]:
+        means, above, level, below = _mislabel_standing(doc, ds)
+        best = max(means, key=lambda m: means[m])
+        out.append(
+            Standing(
+                f"Mislabel detection, {DATASET_LABELS.get(ds, ds)}",
+                "finds flipped labels (AUC)",
+                means["DataInf"],
+                best,
+                means[best],
+                tuple(above),
+                tuple(level),
+                tuple(below),
+            )
+        )
+    for label, ms, n_test in _class_detection(res):
+        best = max(ms, key=lambda m: ms[m]["auc"])
+        groups = [
+            tuple(INFLUENTIAL_LABELS.get(m, m) for m in g)
+            for g in _class_standing(ms, n_test)
+        ]
+        out.append(
+            Standing(
+                f"Class detection, {label}",
+                "ranks same-class examples first (AUC)",
+                ms["datainf"]["auc"],
+                INFLUENTIAL_LABELS.get(best, best),
+                ms[best]["auc"],
+                *groups,
+            )
+        )
+    return out
+
+
+def _which_method(res: Results) -> str:
+    found = standings(res)
+    rows = [
+        [
+            s.benchmark,
+            s.measures,
+            f3(s.datainf),
+            f"{s.best} ({f3(s.best_value)})",
+            _standing(s.above, s.level, s.below),
+        ]
+        for s in found
+    ]
+    verdicts = [
+        f"* DataInf **{verdict}** on "
+        + (
+            f"{len(hits)} of the {len(found)} benchmarks: "
+            + "; ".join(s.benchmark for s in hits)
+            + "."
+            if hits
+            else f"none of the {len(found)} benchmarks."
+        )
+        for verdict in ("wins", "ties", "loses")
+        for hits in [[s for s in found if s.verdict == verdict]]
+    ]
+    note = (
+        "DataInf against the other methods of each benchmark. **loses**: some "
+        "method is clearly ahead of DataInf; **ties**: none is clearly ahead, "
+        "some are level with it (their difference to DataInf is within the "
+        "noise); **wins**: every other method is clearly behind. Clearly means: for the LDS, the paired 95% "
+        "bootstrap interval of the difference excludes 0; for mislabel "
+        "detection, the 95% t-interval of the mean per-seed AUC difference "
+        "excludes 0; for class detection, the difference of the mean "
+        "AUCs over the test prompts is more than two standard errors from 0 "
+        "(unpaired; where a run recorded no spread, only values equal to three "
+        "decimals count as ties)."
+    )
+    return "\n\n".join(
+        [
+            note,
+            table(
+                [
+                    "benchmark",
+                    "what it measures",
+                    "DataInf",
+                    "best",
+                    "DataInf's standing",
+                ],
+                rows,
+                "llrll",
+            ),
+            "\n".join(verdicts),
+            source(LDS, MISLABEL, *(n for n in CLASS_FILES if res.exists(n))),
+        ]
+    )
+
+
+register("which-method")(_which_method)
+TABLE_PAGES["which-method"] = "which-method.md"
 
 
 # --- figures quoted in the prose ----------------------------------------------
@@ -1620,6 +2142,260 @@ CLAIMS: List[Claim] = [
 ]
 
 
+# --- the tables of the "Scaling to LLMs" page (docs/scaling-llms.md) ----------
+
+TABLE_PAGES.update(
+    dict.fromkeys(
+        [
+            "jl-measured",
+            "jl-dimension",
+            "token-projection",
+            "mips-index",
+            "llm-cost",
+            "llm-cost-inputs",
+        ],
+        "scaling-llms.md",
+    )
+)
+JL = "index/jl.json"
+JL_COMMAND = "python benchmarks/bench_jl.py --out benchmarks/results/index/jl.json"
+INDEX_1M = "index/index-1m.json"
+INDEX_COMMAND = (
+    "python benchmarks/bench_index.py --out benchmarks/results/index/index-1m.json"
+)
+PROJ = {
+    "index/projection-lora.json": "python benchmarks/bench_projection.py --threads 1 "
+    "--out benchmarks/results/index/projection-lora.json",
+    "index/projection-full.json": "python benchmarks/bench_projection.py --threads 1 "
+    "--full --out benchmarks/results/index/projection-full.json",
+}
+LLM_COST = "index/llm-cost.json"
+LLM_COST_COMMAND = (
+    "python benchmarks/cost_llm.py --out benchmarks/results/index/llm-cost.json"
+)
+
+
+def _ms(v: float) -> str:
+    return f"{1000 * v:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _duration(v: float) -> str:
+    if v < 120:
+        return f"{v:.1f} s"
+    if v < 7200:
+        return f"{v / 60:.1f} min"
+    return f"{v / 3600:.1f} h"
+
+
+@register("jl-measured")
+def _jl_measured(res: Results) -> str:
+    r = res.json(JL)
+    rows = [
+        [
+            str(x["k"]),
+            x["kind"],
+            f"{x['median_error']:.3f}",
+            f"{x['p99_error']:.3f}",
+            f"{x['max_error']:.3f}",
+            "—" if x["bound_epsilon"] is None else f"{x['bound_epsilon']:.3f}",
+        ]
+        for x in r["measured"]
+    ]
+    return "\n\n".join(
+        [
+            f"Relative inner-product error $|Pu\\cdot Pv - u\\cdot v| / "
+            f"(\\lVert u\\rVert\\lVert v\\rVert)$ over {r['pairs']:,} pairs in "
+            f"dimension {r['dim']:,}; the bound's $\\varepsilon$ for the same $k$, "
+            f"{r['pairs']:,} pairs and $\\delta = {r['delta']}$ (— where it gives "
+            "none below 1, and for the Kronecker kind, which it does not cover).",
+            table(
+                ["k", "projection", "median", "99th percentile", "largest", "bound ε"],
+                rows,
+                "rlrrrr",
+            ),
+            source(JL, command=JL_COMMAND),
+        ]
+    )
+
+
+@register("jl-dimension")
+def _jl_dimension(res: Results) -> str:
+    r = res.json(JL)
+    pairs = sorted({x["pairs"] for x in r["dimension_table"]})
+    eps = sorted({x["epsilon"] for x in r["dimension_table"]})
+    k = {(x["epsilon"], x["pairs"]): x["k"] for x in r["dimension_table"]}
+    rows = [[f"{e:g}"] + [f"{k[e, m]:,}" for m in pairs] for e in eps]
+    return "\n\n".join(
+        [
+            table(
+                ["ε"] + [f"{m:,} pair{'s' if m != 1 else ''}" for m in pairs],
+                rows,
+                "l" + "r" * len(pairs),
+            ),
+            source(JL, command=JL_COMMAND),
+        ]
+    )
+
+
+@register("token-projection")
+def _token_projection(res: Results) -> str:
+    rows = []
+    stored = [n for n in PROJ if res.exists(n)]
+    for name in stored:
+        r = res.json(name)
+        cpu = r["cpu_seconds"]
+        rows.append(
+            [
+                r["model"],
+                f"{r['trainable_parameters']:,} → {r['projected_floats_per_sample']:,}",
+                f"{cpu['floor']:.2f} s",
+                f"{cpu['dense']:.2f} s ({ratio(r['cpu_ratio_to_floor']['dense'])})",
+                f"{cpu['projected']:.2f} s ({ratio(r['cpu_ratio_to_floor']['projected'])})",
+            ]
+        )
+    if not rows:
+        name, command = next(iter(PROJ.items()))
+        return not_stored(name, command, "the cost of projected per-sample gradients")
+    r0 = res.json(stored[0])
+    return "\n\n".join(
+        [
+            f"{r0['samples']} samples, one thread, CPU time (the machine was shared); "
+            "in brackets: the ratio to the plain forward+backward.",
+            table(
+                [
+                    "model",
+                    "numbers per sample",
+                    "plain forward+backward",
+                    "dense per-sample gradients",
+                    "projected, from per-token factors",
+                ],
+                rows,
+                "lrrrr",
+            ),
+            source(*stored, command="; ".join(PROJ[n] for n in stored)),
+        ]
+    )
+
+
+@register("mips-index")
+def _mips_index(res: Results) -> str:
+    if not res.exists(INDEX_1M):
+        return not_stored(INDEX_1M, INDEX_COMMAND, "the index over 1,000,000 rows")
+    r = res.json(INDEX_1M)
+    k = r["k"]
+    rows = []
+    for x in r["runs"]:
+        name = x["index"] + (f", nprobe {x['nprobe']}" if x["nprobe"] else "")
+        rows.append(
+            [
+                str(x["dim"]),
+                name,
+                f"{x['bytes_per_row']:,} B",
+                f"{x['build_s']:.0f} s",
+                f"{x[f'recall_at_{k}']:.3f}",
+                _ms(x["single_query_cpu_s"]),
+                _ms(x["batched_per_query_cpu_s"]),
+            ]
+        )
+    load = max(x["load_average"] for x in r["runs"])
+    return "\n\n".join(
+        [
+            f"{r['n']:,} rows, {r['queries']} queries, top-{k}, faiss {r['faiss']}. "
+            f"Rows: {r['data']}. Latency per query on one thread, as CPU time "
+            f"(the machine was shared: load average up to {load:.0f} on "
+            f"{r['machine']['threads']} cores, so wall times were longer); build "
+            f"on {r['runs'][0]['build_threads']} threads.",
+            table(
+                [
+                    "dimension",
+                    "index",
+                    "memory per row",
+                    "build",
+                    f"recall@{k}",
+                    "one query alone",
+                    f"in a batch of {r['queries']}",
+                ],
+                rows,
+                "rlrrrrr",
+            ),
+            source(INDEX_1M, command=INDEX_COMMAND),
+        ]
+    )
+
+
+@register("llm-cost")
+def _llm_cost(res: Results) -> str:
+    r = res.json(LLM_COST)
+    a = r["architecture"]
+    rows = [
+        [
+            f"{x['side']}",
+            f"{x['projected_floats_per_sample']:,}",
+            f"{x['compression']:,.0f}×",
+            f"{x['store_float16_gb']:.2f} GB",
+            _duration(x["fit_1gpu_s"]),
+            _duration(x["fit_8gpu_s"]),
+            f"{100 * x['fit_overhead_fraction']:.2f} %",
+            _ms(x["test_gradient_per_sequence_s"]),
+            _ms(x["scores_per_query_batch_gpu_s"]),
+            _ms(x["scores_per_query_cpu_s"]),
+        ]
+        for x in r["estimated"]
+    ]
+    e0 = r["estimated"][0]
+    return "\n\n".join(
+        [
+            f"{r['job']}: {a['trainable']:,} trainable parameters in {a['blocks']} "
+            f"blocks; the dense float32 store would hold "
+            f"{a['dense_store_float32_gb']:,.0f} GB, and one pass over it from a disk "
+            f"reading {r['published']['nvme_read_gb_s']['value']:g} GB/s takes "
+            f"{_duration(e0['dense_store_pass_s'])}. All figures below are "
+            "**estimated**.",
+            table(
+                [
+                    "side",
+                    "numbers per sample",
+                    "compression",
+                    "store (float16)",
+                    "`fit`, 1 H100",
+                    "`fit`, 8 H100",
+                    "projection's share of `fit`",
+                    "test gradient, per sequence (1 H100)",
+                    "scores of a batch of queries, 1 H100",
+                    "scores of one query, exact, one CPU thread",
+                ],
+                rows,
+                "rrrrrrrrrr",
+            ),
+            source(LLM_COST, command=LLM_COST_COMMAND),
+        ]
+    )
+
+
+@register("llm-cost-inputs")
+def _llm_cost_inputs(res: Results) -> str:
+    r = res.json(LLM_COST)
+    rows = [
+        [
+            m["kind"],
+            m["what"],
+            f"{m['value']:.3g}",
+            f"`benchmarks/results/{m['file']}`",
+        ]
+        for m in r["measured"].values()
+    ]
+    rows += [
+        ["published", p["source"], f"{p['value']:g}", "—"]
+        for p in r["published"].values()
+    ]
+    return "\n\n".join(
+        [
+            table(["kind", "figure", "value", "file"], rows, "llrl"),
+            source(LLM_COST, command=LLM_COST_COMMAND),
+        ]
+    )
+
+
 # --- the page ------------------------------------------------------------------
 
 
@@ -1683,7 +2459,54 @@ def _influential_metric(
     return get
 
 
+def _two(
+    template: str, a: Tuple[str, str, str, str], b: Tuple[str, str, str, str]
+) -> Callable[[Results], str]:
+    """Two figures of the peers results (`(file, job, tool, key)` each), to
+    three decimals, in `template`."""
+    return lambda res: template.format(f3(_peer(*a)(res)), f3(_peer(*b)(res)))
+
+
+def _head_mean_auc(res: Results, dataset: str, choice: str) -> float:
+    return statistics.fmean(r["auc"][choice] for r in _head_runs(res, dataset))
+
+
+def _head_datasets(res: Results) -> List[str]:
+    return list(dict.fromkeys(r["dataset"] for r in res.json(HEAD)["runs"]))
+
+
 PAGE_CLAIMS: Dict[str, List[Claim]] = {
+    "own-models.md": [
+        Claim(
+            "The head block changes the scores by less than 4%",
+            HEAD,
+            lambda r: (
+                "less than "
+                f"{math.ceil(100 * max(x['relative_change'] for x in r.json(HEAD)['runs']))}%"
+            ),
+        ),
+        Claim(
+            "finds them better than the LoRA blocks",
+            HEAD,
+            lambda r: (
+                "better"
+                if all(
+                    _head_mean_auc(r, ds, "head_only")
+                    > _head_mean_auc(r, ds, "lora_only")
+                    for ds in _head_datasets(r)
+                )
+                else "not always better"
+            ),
+        ),
+        Claim(
+            "(AUC 0.984 against 0.817)",
+            HEAD,
+            lambda r: (
+                f"{_head_mean_auc(r, 'bbc', 'head_only'):.3f} against "
+                f"{_head_mean_auc(r, 'bbc', 'lora_only'):.3f}"
+            ),
+        ),
+    ],
     "faq.md": [
         Claim(
             "DataInf's AUC is 0.979 ± 0.013 over 3 seeds",
@@ -1703,12 +2526,209 @@ PAGE_CLAIMS: Dict[str, List[Claim]] = {
         Claim("LiSSA (0.874 ± 0.032)", MISLABEL, _mislabel_auc("bbc", "LiSSA")),
         # INFLUENTIAL_FAQ_CLAIMS
     ],
+    "index.md": [
+        Claim(
+            "relative errors up to 0.98 against the formula",
+            "compare_pydvl_ihm.txt",
+            lambda r: max(
+                re.findall(
+                    r"pyDVL IHM .*rel\. error ([0-9.]+)",
+                    r.text("compare_pydvl_ihm.txt"),
+                ),
+                key=float,
+            ),
+        ),
+        Claim(
+            "takes 45× as long as this package",
+            PAB,
+            _fmt(_speedup_ab, lambda v: f"{v:.0f}×"),
+        ),
+        Claim("(AUC) is 0.817 ± 0.049", MISLABEL, _mislabel_auc("bbc", "DataInf")),
+        Claim("reaches 0.989 ± 0.005", MISLABEL, _mislabel_auc("bbc", "Training loss")),
+        Claim(
+            "DataInf's 0.979 ± 0.013 is behind",
+            MISLABEL,
+            _mislabel_auc("sms", "DataInf"),
+        ),
+        Claim("LiSSA's 0.988 ± 0.013", MISLABEL, _mislabel_auc("sms", "LiSSA")),
+        *[
+            Claim(quote, P, _two(template, (P, *first, key), (P, *second, key)))
+            for quote, template, first, second, key in (
+                (
+                    "correlate 0.525 on the MLP and 0.196 on a LoRA-MLP",
+                    "{} on the MLP and {}",
+                    ("a", "ours"),
+                    ("b", "ours"),
+                    "pearson",
+                ),
+                (
+                    "against 0.788 and 0.700 for kronfluence's EK-FAC",
+                    "{} and {}",
+                    ("a", "kronfluence"),
+                    ("b", "kronfluence"),
+                    "pearson",
+                ),
+                (
+                    "pyDVL's Arnoldi has the best AUC, 0.979, against DataInf's 0.929",
+                    "{}, against DataInf's {}",
+                    ("b", "pydvl-arnoldi"),
+                    ("b", "ours"),
+                    "auc",
+                ),
+            )
+        ],
+    ],
 }
 """Figures quoted in other pages of `docs/`, by page: checked by the tests."""
 
 
-def check(text: str, res: Optional[Results] = None) -> List[str]:
-    """Problems of a page: stale tables, unknown tables, figures not backed by a results file."""
+def _standing_of(res: Results, prefix: str) -> Standing:
+    """The first benchmark of the summary whose name starts with `prefix`."""
+    for s in standings(res):
+        if s.benchmark.startswith(prefix):
+            return s
+    raise KeyError(f"no benchmark of the summary starts with {prefix!r}")
+
+
+def _verdict(prefix: str) -> Callable[[Results], str]:
+    """`DataInf loses` (or ties, wins) on the first benchmark named `prefix...`."""
+    return lambda res: f"DataInf {_standing_of(res, prefix).verdict}"
+
+
+def _best(prefix: str) -> Callable[[Results], str]:
+    """`best: X` on the first benchmark named `prefix...`."""
+    return lambda res: f"best: {_standing_of(res, prefix).best}"
+
+
+def _lds_of(res: Results, setup: str) -> Dict[str, Any]:
+    r = _lds_setup(res, setup)
+    if r is None:
+        raise KeyError(f"no LDS results for the {setup} setup")
+    return r
+
+
+def _lds_end(setup: str, first: bool) -> Callable[[Results], str]:
+    """`X ranks first` or `X ranks last` in the LDS of a setup."""
+
+    def get(res: Results) -> str:
+        ms = _lds_of(res, setup)["methods"]
+        m = (max if first else min)(ms, key=lambda k: ms[k]["lds"])
+        return f"{LDS_LABELS[m]} ranks {'first' if first else 'last'}"
+
+    return get
+
+
+def _relation(setup: str, method: str) -> Callable[[Results], str]:
+    """`X is clearly above DataInf` (or level with, clearly below) in an LDS."""
+
+    def get(res: Results) -> str:
+        above, level, _ = _lds_groups(_lds_of(res, setup)["methods"])
+        where = (
+            "clearly above"
+            if method in above
+            else "level with"
+            if method in level
+            else "clearly below"
+        )
+        return f"{LDS_LABELS[method]} is {where} DataInf"
+
+    return get
+
+
+def _answers(setup: str) -> Callable[[Results], str]:
+    """How many test prompts the fine-tuned language model answers exactly."""
+
+    def get(res: Results) -> str:
+        exact = float(_lds_of(res, setup)["quality"]["test_exact"])
+        return "none of" if exact == 0 else "all of" if exact == 1 else "some of"
+
+    return get
+
+
+PAGE_CLAIMS["which-method.md"] = [
+    Claim(
+        "On the MiniLM classifier's LDS, DataInf loses",
+        LDS,
+        _verdict("LDS, MiniLM"),
+    ),
+    Claim("TracIn ranks first", LDS, _lds_end("classifier", first=True)),
+    Claim("Exact inverse ranks last", LDS, _lds_end("classifier", first=False)),
+    Claim(
+        "On the SmolLM2 language model's LDS, DataInf ties",
+        LDS,
+        _verdict("LDS, SmolLM2"),
+    ),
+    Claim(
+        "LiSSA ranks first and Exact inverse ranks last",
+        LDS,
+        _lds_end("causal_lm", first=True),
+    ),
+    Claim(
+        "LiSSA ranks first and Exact inverse ranks last",
+        LDS,
+        _lds_end("causal_lm", first=False),
+    ),
+    Claim(
+        "on the classifier, Hessian-free is clearly above DataInf",
+        LDS,
+        _relation("classifier", "hessian_free"),
+    ),
+    Claim(
+        "on the language model, Hessian-free is clearly below DataInf",
+        LDS,
+        _relation("causal_lm", "hessian_free"),
+    ),
+    Claim(
+        "and EK-FAC is level with DataInf",
+        LDS,
+        _relation("causal_lm", "ekfac"),
+    ),
+    Claim(
+        "on the language model, LiSSA is level with DataInf",
+        LDS,
+        _relation("causal_lm", "lissa"),
+    ),
+    Claim(
+        "it answers none of the test prompts exactly",
+        LDS,
+        _answers("causal_lm"),
+    ),
+    Claim(
+        "On BBC News DataInf loses",
+        MISLABEL,
+        _verdict("Mislabel detection, BBC News"),
+    ),
+    Claim("best: Training loss", MISLABEL, _best("Mislabel detection, BBC News")),
+]
+"""The statements of the guidance on docs/which-method.md."""
+
+
+def other_pages() -> List[str]:
+    """The pages of `docs/` other than the benchmarks page with generated
+    tables or quoted figures."""
+    return sorted(set(TABLE_PAGES.values()) | set(PAGE_CLAIMS))
+
+
+def check(
+    text: str,
+    res: Optional[Results] = None,
+    claims: Optional[Sequence[Claim]] = None,
+) -> List[str]:
+    """Problems of a page: stale tables, unknown tables, figures not backed by a
+    results file (`claims`: the page's quoted figures, default `CLAIMS`)."""
+    res = res or Results()
+    return stale_tables(text, res) + check_claims(
+        text, CLAIMS if claims is None else claims, res
+    )
+
+
+def check_page(name: str, text: str, res: Optional[Results] = None) -> List[str]:
+    """Problems of another page of `docs/`: its tables and its quoted figures."""
+    return check(text, res, PAGE_CLAIMS.get(name, []))
+
+
+def stale_tables(text: str, res: Optional[Results] = None) -> List[str]:
+    """The generated tables of a page that are stale or unknown."""
     res = res or Results()
     problems = []
     for m in regions(text):
@@ -1722,7 +2742,7 @@ def check(text: str, res: Optional[Results] = None) -> List[str]:
             problems.append(
                 f"table {name!r} differs from its results (run docs_tables.py --write)"
             )
-    return problems + check_claims(text, CLAIMS, res)
+    return problems
 
 
 def check_claims(
@@ -1756,22 +2776,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--check", action="store_true", help="exit 1 if the page is stale"
     )
     mode.add_argument("--show", metavar="NAME", help="print one table")
-    ap.add_argument("--page", type=Path, default=PAGE)
+    ap.add_argument("--page", type=Path, help="one page (default: all pages)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     res = Results(args.results)
     if args.show:
         print(render(args.show, res))
         return 0
-    text = args.page.read_text(encoding="utf-8")
-    if args.write:
-        new = update(text, res)
-        if new != text:
-            args.page.write_text(new, encoding="utf-8")
-            print(f"updated {args.page}")
-        else:
-            print(f"{args.page} is up to date")
-    problems = check(args.page.read_text(encoding="utf-8") if args.write else text, res)
+    pages = (
+        [args.page]
+        if args.page
+        else [PAGE, *(ROOT / "docs" / p for p in other_pages())]
+    )
+    problems = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        if args.write:
+            new = update(text, res)
+            if new != text:
+                page.write_text(new, encoding="utf-8")
+                print(f"updated {page}")
+            else:
+                print(f"{page} is up to date")
+            text = new
+        claims = None if page.name == PAGE.name else PAGE_CLAIMS.get(page.name, [])
+        problems += [f"{page.name}: {p}" for p in check(text, res, claims)]
     for p in problems:
         print(p, file=sys.stderr)
     return 1 if problems else 0

@@ -10,6 +10,29 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+#: the determinism and fault tests: CI runs them a second time with other CPU
+#: kernels selected (see .ci/run), to catch results that depend on one kernel
+KERNEL_SENSITIVE = {
+    "test_concurrency.py",
+    "test_dask_fit.py",
+    "test_distributed.py",
+    "test_faults_identity.py",
+    "test_faults_matrix.py",
+    "test_faults_model.py",
+    "test_faults_storage.py",
+    "test_matrix.py",
+    "test_operator.py",
+    "test_rows.py",
+    "test_stores.py",
+    "test_thread_safety.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in KERNEL_SENSITIVE:
+            item.add_marker(pytest.mark.kernels)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -29,12 +29,17 @@ LAYERS: Dict[str, int] = {
     "config": 1,
     "fingerprint": 1,
     "rows": 1,
+    "projection": 1,
+    "jl": 1,
+    "compressed": 1,
+    "batches": 1,
     # 2. per-sample gradients and storage
     "gradients": 2,
     "storage": 2,
     # 3. the fitted state, the fit pass, persistence, the operator over a state
     "state": 3,
     "fit": 3,
+    "dask_fit": 3,
     "persistence": 3,
     "operator": 3,
     # 4. the pyDVL model
@@ -45,6 +50,9 @@ LAYERS: Dict[str, int] = {
     # 6. integrations
     "hf": 6,
     "diffusion": 6,
+    "dataset_influence": 6,
+    "trainer": 6,
+    "cli": 6,
     # the package's public namespace re-exports from every layer
     "": 7,
 }

@@ -157,6 +157,10 @@ def test_page_snippets_run(page, tmp_path, monkeypatch):
     cwd = os.getcwd()
     run_page(ALL_BLOCKS[page], tmp_path)
     os.chdir(cwd)
+    # Nothing is left in the current folder: an example that writes its stores
+    # there fails when it is run a second time, or after another one.
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [], f"{page.name}'s examples write in the current folder: {left}"
 
 
 def test_readme_quotes_the_pydvl_comparison_results_file():

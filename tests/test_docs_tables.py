@@ -32,7 +32,8 @@ def page() -> str:
 
 def test_every_table_is_generated_and_fresh(page: str) -> None:
     found = [docs_tables._name(m) for m in docs_tables.regions(page)]
-    assert sorted(found) == sorted([*docs_tables.TABLES, "peers"]), (
+    here = [t for t in docs_tables.TABLES if t not in docs_tables.TABLE_PAGES]
+    assert sorted(found) == sorted([*here, "peers"]), (
         "every table of docs_tables.TABLES (and the peers table) appears once in the page"
     )
     for m in docs_tables.regions(page):
@@ -40,6 +41,16 @@ def test_every_table_is_generated_and_fresh(page: str) -> None:
         assert m.group("body").rstrip("\n") == docs_tables.render(name), (
             f"table {name!r} is stale: run python benchmarks/docs_tables.py --write"
         )
+
+
+@pytest.mark.parametrize("name", sorted(set(docs_tables.TABLE_PAGES.values())))
+def test_tables_of_other_pages_are_generated_and_fresh(name: str) -> None:
+    text = (docs_tables.ROOT / "docs" / name).read_text(encoding="utf-8")
+    found = [docs_tables._name(m) for m in docs_tables.regions(text)]
+    want = [t for t, page in docs_tables.TABLE_PAGES.items() if page == name]
+    assert sorted(found) == sorted(want)
+    claims = docs_tables.PAGE_CLAIMS.get(name, [])
+    assert docs_tables.check(text, claims=claims) == []
 
 
 def test_quoted_figures_come_from_results(page: str) -> None:
@@ -53,6 +64,35 @@ def test_figures_quoted_on_other_pages_come_from_results(name: str) -> None:
     claims = docs_tables.PAGE_CLAIMS[name]
     assert claims
     assert docs_tables.check_claims(text, claims) == []
+
+
+@pytest.mark.parametrize("table", sorted(docs_tables.TABLE_PAGES))
+def test_tables_on_other_pages_are_generated_and_fresh(table: str) -> None:
+    name = docs_tables.TABLE_PAGES[table]
+    text = (docs_tables.ROOT / "docs" / name).read_text(encoding="utf-8")
+    found = [docs_tables._name(m) for m in docs_tables.regions(text)]
+    assert found.count(table) == 1
+    assert docs_tables.check_page(name, text) == []
+    region = next(m for m in docs_tables.regions(text) if docs_tables._name(m) == table)
+    body = region.group("body")
+    stale = text.replace(body, body.replace("|", "| x", 1), 1)
+    assert stale != text
+    assert docs_tables.check_page(name, stale) != []
+
+
+def test_head_table_follows_its_results_file(
+    results_copy: docs_tables.Results,
+) -> None:
+    path = results_copy.path(docs_tables.HEAD)
+    doc = json.loads(path.read_text())
+    for run in doc["runs"]:
+        if run["dataset"] == "sms":
+            run["auc"]["head_only"] = 0.5
+    path.write_text(json.dumps(doc))
+    text = docs_tables.render("head-blocks", results_copy)
+    sms = next(line for line in text.splitlines() if line.startswith("| SMS spam"))
+    assert "0.500 ± 0.000" in sms
+    assert "**0.500" not in sms  # the best AUC is bold, not this one
 
 
 def test_a_changed_figure_on_another_page_is_reported() -> None:

@@ -166,10 +166,27 @@ def test_with_regularization_validates_and_keeps_state(fitted):
 def test_auto_lambda_zero_for_dead_block():
     model, loss, x, y, *_ = make_case("mlp")
     torch.nn.init.zeros_(model[2].weight)  # no gradient reaches layer 0
-    with pytest.raises(RegularizationError, match="block '0'.*vanish"):
+    with pytest.raises(RegularizationError, match="block '0'.*is 0") as err:
         DataInfInfluence(model, loss, progress=False).fit(loader(x, y))
+    assert "every training gradient of this block is zero" in str(err.value)
+    assert "Train the model (the adapters) before `fit`" in str(err.value)
     infl = DataInfInfluence(model, loss, {"0": 0.1, "2": "auto"}, progress=False)
     infl.fit(loader(x, y))  # an explicit λ makes it usable
+
+
+def test_untrained_lora_adapters_are_told_to_train_first():
+    """Untrained LoRA: lora_B is zero, so lora_A gets no gradient. The error
+    names that cause and training as the fix."""
+    model, loss, x, y, *_ = make_case("lora")
+    lora_b = [m for n, m in model.named_modules() if n.endswith("lora_B")]
+    assert lora_b
+    for m in lora_b:
+        torch.nn.init.zeros_(m.weight)  # as LoRA initialises it
+    with pytest.raises(RegularizationError, match="lora_A.*is 0") as err:
+        DataInfInfluence(model, loss, progress=False).fit(loader(x, y))
+    message = str(err.value)
+    assert "This block is a LoRA A matrix" in message
+    assert "lora_B at zero" in message and "Train the model" in message
 
 
 def test_stale_weights_refused_then_accepted_after_restore(fitted):

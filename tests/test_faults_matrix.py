@@ -156,7 +156,9 @@ def test_a_call_that_fails_late_is_resumable(case, tmp_path, monkeypatch):
         run(infl, (xt, yt), path)
     res = run(infl, (xt, yt), path, resume=True)
     assert res.factor_groups_computed == 2
-    assert torch.equal(res.load(), full.load())
+    # group 0's test gradients were computed in batches of 3, the others in
+    # one batch: equal up to rounding, not bit for bit
+    assert rel_err(res.load(), full.load()) < 1e-12
 
 
 def test_concurrent_starters_get_store_exists_error(case, tmp_path):

@@ -167,3 +167,43 @@ def test_damaged_norms_are_refused(tmp_path, damage):
     arr[:] = norms
     with pytest.raises(StoreMismatchError, match="norms"):
         DataInfInfluence.from_store(model, loss, path)
+
+
+# ------------------------------------------------- gradients of rounding noise
+class KeyBiasAttention(torch.nn.Module):
+    """One attention head whose key bias cannot change the output: it adds the
+    same amount to every key's score of a query, and softmax ignores that. Its
+    gradient is zero in exact arithmetic and rounding noise in float."""
+
+    def __init__(self, d=8, classes=3):
+        super().__init__()
+        self.q = torch.nn.Linear(d, d)
+        self.k = torch.nn.Linear(d, d)  # its bias is the silent one
+        self.v = torch.nn.Linear(d, d)
+        self.out = torch.nn.Linear(d, classes)
+
+    def forward(self, x):  # x: (b, tokens, d)
+        att = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / 8**0.5, dim=-1)
+        return self.out((att @ self.v(x)).mean(1))
+
+
+def test_blocks_of_rounding_noise_are_named():
+    import warnings
+
+    from pydvl_datainf.errors import NegligibleGradientWarning
+
+    torch.manual_seed(0)
+    model = KeyBiasAttention()
+    x, y = torch.randn(40, 5, 8), torch.randint(0, 3, (40,))
+    loss = torch.nn.functional.cross_entropy
+    with pytest.warns(NegligibleGradientWarning, match=r"\['k\.bias'\]") as seen:
+        DataInfInfluence(model, loss, block_structure="parameter", progress=False).fit(
+            loader(x, y)
+        )
+    assert seen[0].filename == __file__  # raised at the user's call
+    model.k.bias.requires_grad_(False)  # the advice: leave it out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NegligibleGradientWarning)
+        DataInfInfluence(model, loss, block_structure="parameter", progress=False).fit(
+            loader(x, y)
+        )

@@ -24,6 +24,7 @@ from pydvl_datainf import (
     self_influence,
     top_k,
 )
+from pydvl_datainf.storage.digests import place_mark
 from reference import DenseDataInf, rel_err
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -202,7 +203,7 @@ CHILD = textwrap.dedent(
     original = M.mark_done
     calls = {{"tile": 0, "factor": 0}}
 
-    def mark(done, index):
+    def mark(done, index, value):
         kind = "tile" if len(index) == 2 else "factor"
         calls[kind] += 1
         if mode == "self" and kind == "tile" and calls[kind] == at:
@@ -214,7 +215,7 @@ CHILD = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         if mode == "slow":
             time.sleep(0.15)
-        original(done, index)
+        original(done, index, value)
 
     M.mark_done = mark
     influence_matrix(infl, (xt, yt), {out!r}, test_rows=3, train_rows=8,
@@ -237,7 +238,7 @@ def run_child(mode, at, store, out, wait_for_tiles=None):
     done = 0
     while time.time() < deadline:
         try:
-            done = int(np.sum(zarr.open_group(str(out), mode="r")["done"][:]))
+            done = int(np.sum(zarr.open_group(str(out), mode="r")["done"][:] != 0))
         except Exception:
             done = 0
         if done >= wait_for_tiles or proc.poll() is not None:
@@ -268,7 +269,7 @@ def test_kill_9_during_a_tile_write_then_resume(case, tmp_path):
     proc, _ = run_child("self", 5, store, out)
     assert proc.returncode == -signal.SIGKILL
     done = zarr.open_group(str(out), mode="r")["done"][:]
-    assert done.sum() == 4  # four tiles finished; the fifth was torn
+    assert (done != 0).sum() == 4  # four tiles finished; the fifth was torn
     res = influence_matrix(infl, (xt, yt), out, resume=True, progress=False)
     assert res.tiles_skipped == 4 and res.tiles_computed == full.tiles - 4
     assert res.factor_groups_computed == 0
@@ -282,11 +283,11 @@ def test_crash_during_factors_then_resume(case, tmp_path, monkeypatch):
     out = tmp_path / "crashed.zarr"
     original, calls = matrix_module.mark_done, []
 
-    def mark(done, index):
+    def mark(done, index, value):
         calls.append(index)
         if len(calls) == 2:  # group 1's factors are written, not yet marked
             raise KeyboardInterrupt
-        original(done, index)
+        original(done, index, value)
 
     monkeypatch.setattr(matrix_module, "mark_done", mark)
     with pytest.raises(KeyboardInterrupt):
@@ -305,7 +306,7 @@ def test_kill_9_from_outside_then_resume(case, tmp_path):
     out = tmp_path / "killed.zarr"
     proc, _ = run_child("slow", 0, store, out, wait_for_tiles=3)
     assert proc.returncode == -signal.SIGKILL
-    done = int(zarr.open_group(str(out), mode="r")["done"][:].sum())
+    done = int((zarr.open_group(str(out), mode="r")["done"][:] != 0).sum())
     assert 3 <= done < full.tiles
     res = influence_matrix(infl, (xt, yt), out, resume=True, progress=False)
     assert res.tiles_computed == full.tiles - done and res.tiles_skipped == done
@@ -407,7 +408,7 @@ def test_matrix_refuses_stale_model(tmp_path):
 
 def test_done_mask_reads_marks(tmp_path):
     g = zarr.open_group(str(tmp_path / "d.zarr"), mode="w")
-    d = g.create_array("done", shape=(2, 3), chunks=(1, 1), dtype="uint8")
-    matrix_module.mark_done(d, (1, 2))
+    d = g.create_array("done", shape=(2, 3), chunks=(1, 1), dtype="int64")
+    matrix_module.mark_done(d, (1, 2), place_mark("r", "m", (1, 2), [7]))
     mask = matrix_module.done_mask(d)
     assert mask.tolist() == [[False] * 3, [False, False, True]]

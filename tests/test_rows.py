@@ -10,7 +10,14 @@ import torch
 
 from models import fit_zarr, make_case
 from pydvl_datainf import DataInfInfluence
-from pydvl_datainf.rows import DIGEST_BYTES, RowIndex, row_digests, row_keys
+from pydvl_datainf.rows import (
+    DIGEST_BYTES,
+    RowIndex,
+    batch_digest,
+    row_digests,
+    row_keys,
+)
+from reference import rel_err
 
 
 def test_lookup_finds_first_occurrences_and_refuses_unknown_rows():
@@ -96,8 +103,10 @@ def test_a_row_gives_the_same_numbers_whatever_its_batch(tmp_path):
     new = xt[:2] + 0.5  # rows not seen in fit
     mixed = infl.influences(xt, yt, torch.cat([x[:4], new]), torch.cat([y[:4], yt[:2]]))
     alone = infl.influences(xt, yt, new, yt[:2])
-    assert torch.equal(mixed[:, :4], known)
-    assert torch.equal(mixed[:, 4:], alone)
+    # the same numbers up to rounding: a batch of another shape may use
+    # another matrix kernel, which adds in another order
+    assert rel_err(mixed[:, :4], known) < 1e-6
+    assert rel_err(mixed[:, 4:], alone) < 1e-6
     # unknown rows are rounded to the store's dtype, as stored rows are
     g = infl.per_sample_gradients(new, yt[:2])
     rounded = {k: v.half().float() for k, v in g.items()}
@@ -144,3 +153,25 @@ def test_a_damaged_row_index_is_refused_and_a_missing_one_changes_nothing(
     reopened = DataInfInfluence.from_store(model, loss, path)
     assert reopened.state.rows is None and "no row index" in caplog.text
     assert torch.equal(reopened.influences(xt, yt, mixed_x, mixed_y), before)
+
+
+def test_batches_of_the_fit_are_recognised_whole_with_first_occurrences():
+    x, y = torch.randn(10, 3), torch.arange(10)
+    x[7], y[7] = x[2], y[2]  # a duplicate of row 2, in another batch
+    index = RowIndex()
+    for lo, hi in ((0, 5), (5, 10)):
+        index.extend(row_digests(x[lo:hi], y[lo:hi]), batch_digest(x[lo:hi], y[lo:hi]))
+    # the second batch again, as a calculator passes it: the same rows as one
+    # by one lookups give (the duplicate maps to its first occurrence)
+    whole = index.locate(x[5:].clone(), y[5:].clone())
+    assert whole.tolist() == [5, 6, 2, 8, 9]
+    one_by_one = torch.cat(
+        [index.locate(x[i : i + 1], y[i : i + 1]) for i in range(5, 10)]
+    )
+    assert torch.equal(whole, one_by_one)
+    # a batch never seen is looked up row by row, then remembered
+    mixed = (x[[7, 0]], y[[7, 0]])
+    assert index.locate(*mixed).tolist() == [2, 0] == index.locate(*mixed).tolist()
+    # new rows forget what was remembered
+    index.extend(row_digests(torch.randn(1, 3), torch.tensor([3])))
+    assert index.locate(*mixed).tolist() == [2, 0]

@@ -1,5 +1,6 @@
 """Gradient stores: memory, Zarr, recompute and auto give the same results."""
 
+import os
 import pickle
 
 import numpy as np
@@ -119,8 +120,10 @@ def ref_grads(case):
 
 def test_fit_writes_whole_chunks_and_buffers_at_most_one(monkeypatch, tmp_path):
     model, loss, x, y, *_ = make_case("mlp", n=30)
+    from pydvl_datainf.storage.zarr_writer import ZarrStoreWriter
+
     flushed, buffered = [], []
-    orig_flush, orig_append = ZarrGradientStore._flush, ZarrGradientStore.append
+    orig_flush, orig_append = ZarrStoreWriter._flush, ZarrStoreWriter.append
 
     def flush(self, rows):
         flushed.append((self.n - self._buffered, rows))
@@ -130,8 +133,8 @@ def test_fit_writes_whole_chunks_and_buffers_at_most_one(monkeypatch, tmp_path):
         orig_append(self, grads)
         buffered.append(self._buffered)
 
-    monkeypatch.setattr(ZarrGradientStore, "_flush", flush)
-    monkeypatch.setattr(ZarrGradientStore, "append", append)
+    monkeypatch.setattr(ZarrStoreWriter, "_flush", flush)
+    monkeypatch.setattr(ZarrStoreWriter, "append", append)
     DataInfInfluence(
         model,
         loss,
@@ -219,8 +222,9 @@ def test_from_store_refuses_other_weights_and_other_blocks(lora64, tmp_path):
         DataInfInfluence.from_store(wider, loss, tmp_path / "g.zarr")
 
 
-def test_incomplete_store_is_refused(tmp_path):
+def test_an_interrupted_fit_leaves_the_path_as_it_was(tmp_path):
     model, loss, x, y, *_ = make_case("mlp", n=20)
+    path = tmp_path / "g.zarr"
 
     def dying():
         yield x[:10], y[:10]
@@ -231,16 +235,33 @@ def test_incomplete_store_is_refused(tmp_path):
         loss,
         progress=False,
         store="zarr",
-        store_path=tmp_path / "g.zarr",
+        store_path=path,
         store_options={"chunk_rows": 4},
     )
     with pytest.raises(KeyboardInterrupt):
         infl.fit(dying())
-    with pytest.raises(StoreMismatchError, match="incomplete"):
-        DataInfInfluence.from_store(model, loss, tmp_path / "g.zarr")
-    # the same instance may refit over its own store
+    assert not path.exists()  # nothing published, and nothing left beside it
+    assert os.listdir(tmp_path) == []
     infl.fit(loader(x, y))
-    assert DataInfInfluence.from_store(model, loss, tmp_path / "g.zarr").n_train == 20
+    before = DataInfInfluence.from_store(model, loss, path).influences(x[:3], y[:3])
+    # a refit that dies keeps the finished store that was there
+    with pytest.raises(KeyboardInterrupt):
+        infl.fit(dying())
+    again = DataInfInfluence.from_store(model, loss, path, progress=False)
+    assert again.n_train == 20
+    assert torch.equal(again.influences(x[:3], y[:3]), before)
+    assert os.listdir(tmp_path) == ["g.zarr"]
+
+
+def test_an_unfinished_store_is_refused(tmp_path):
+    store = ZarrGradientStore(tmp_path / "g.zarr", ["w"], chunk_rows=4)
+    store.append({"w": torch.randn(6, 2)})
+    store.finalize(publish=False)
+    with pytest.raises(FileNotFoundError):
+        ZarrGradientStore.open(tmp_path / "g.zarr")  # still beside its path
+    store.publish()
+    with pytest.raises(StoreMismatchError, match="incomplete"):
+        ZarrGradientStore.open(tmp_path / "g.zarr").load_fit_state()
 
 
 def test_existing_store_refused_unless_overwrite(tmp_path):
@@ -428,7 +449,7 @@ def test_raw_chunk_reads_equal_zarr_reads_and_reuse_buffers(dtype, tmp_path):
 def test_raw_chunk_reads_fall_back_where_they_do_not_apply(tmp_path):
     from zarr.codecs import ZstdCodec
 
-    from pydvl_datainf.storage.integrity import RawChunkReader
+    from pydvl_datainf.storage.rawio import RawChunkReader
 
     g = torch.Generator().manual_seed(1)
     grads = {"a": torch.randn(9, 4, generator=g)}
@@ -447,12 +468,8 @@ def test_raw_chunk_reads_fall_back_where_they_do_not_apply(tmp_path):
 
 
 def test_raw_chunk_writer_writes_what_zarr_reads(tmp_path):
-    from pydvl_datainf.storage.integrity import (
-        RawChunkReader,
-        RawChunkWriter,
-        create_checked_array,
-        verify_array,
-    )
+    from pydvl_datainf.storage.integrity import create_checked_array, verify_array
+    from pydvl_datainf.storage.rawio import RawChunkReader, RawChunkWriter
 
     group = zarr.open_group(str(tmp_path / "m.zarr"), mode="w")
     arr = create_checked_array(group, "m", shape=(6, 5), chunks=(4, 5), dtype="float64")

@@ -11,7 +11,7 @@ for helpful training points; the paper's $\\mathcal{I}_{DataInf}$ is its negativ
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .blocks import Block, BlockStructure, build_blocks
+from .blocks import Block, BlockStructure, build_blocks, freeze_all_but_lora
 from .errors import (
     BlockStructureError,
     EmptyDataError,
@@ -56,6 +56,7 @@ __all__ = [
     "Block",
     "BlockStructure",
     "build_blocks",
+    "freeze_all_but_lora",
     "GradientEngine",
     "FuncGradientEngine",
     "HookGradientEngine",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -27,6 +27,7 @@ from .blocks import BlockStructure
 from .errors import RegularizationError
 
 __all__ = [
+    "negligible_blocks",
     "RegularizationSpec",
     "parse_bytes",
     "validate_regularization",
@@ -281,12 +282,59 @@ def resolve_regularization(
                 float(squared_norm_sums[name]), n, d, scale
             )
             if not (lam > 0 and math.isfinite(lam)):
-                raise RegularizationError(
-                    f"'auto' regularization of block {name!r} is {lam}: all its "
-                    f"training gradients vanish. Pass a positive float for this "
-                    f"block, or leave it out of the block structure."
-                )
+                raise RegularizationError(_auto_regularization_advice(name, lam))
             out[name] = check_regularization(name, lam, dtype, top, "'auto' λ")
         else:
             out[name] = check_regularization(name, float(value), dtype, top)
     return out
+
+
+def _auto_regularization_advice(block: str, lam: float) -> str:
+    """Why `"auto"` gave no usable λ for `block`, and what to do."""
+    if lam != 0:
+        return (
+            f"'auto' regularization of block {block!r} is {lam}: the mean squared "
+            f"gradient norm of this block is not finite. Pass a positive float "
+            f"for this block in `regularization`."
+        )
+    why = (
+        "This block is a LoRA A matrix: LoRA starts lora_B at zero, so lora_A "
+        "gets no gradient until the adapters are trained."
+        if "lora_a" in block.lower()
+        else "With LoRA this happens to the lora_A blocks of adapters that were "
+        "not trained: lora_B starts at zero, so lora_A gets no gradient until "
+        "the adapters are trained."
+    )
+    return (
+        f"'auto' regularization of block {block!r} is 0: every training gradient "
+        f"of this block is zero, so its influences carry no information. {why} "
+        f"Train the model (the adapters) before `fit`; or leave this block out of "
+        f"the block structure; or, to keep it with zero influences, pass a "
+        f"positive float for it in `regularization`."
+    )
+
+
+def negligible_blocks(
+    squared_norm_sums: Mapping[str, float],
+    blocks: Union[BlockStructure, Mapping[str, int]],
+    dtype: torch.dtype,
+) -> List[str]:
+    r"""Blocks whose gradients are at the level of rounding errors.
+
+    A block whose gradient is zero in exact arithmetic (a bias that the loss
+    does not depend on, say) still gets gradients of rounding noise; its
+    `"auto"` $\lambda_l$ is then noise-sized, and the noise dominates every
+    score through $1/\lambda_l$. Such a block has a mean squared gradient
+    entry below $\epsilon^2$ times the largest block's, with $\epsilon$ the
+    dtype's machine epsilon.
+
+    Example:
+        >>> import torch
+        >>> negligible_blocks({"w": 10.0, "b": 1e-25}, {"w": 10, "b": 2}, torch.float32)
+        ['b']
+    """
+    sizes = _sizes(blocks)
+    per_entry = {k: float(squared_norm_sums[k]) / max(1, sizes[k]) for k in sizes}
+    top = max(per_entry.values(), default=0.0)
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return [k for k, v in per_entry.items() if 0.0 < v <= eps * eps * top]

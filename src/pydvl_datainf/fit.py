@@ -13,12 +13,13 @@ the row digests.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,10 +31,11 @@ from .config import RegularizationSpec, validate_regularization
 from .errors import EmptyDataError, NonFiniteGradientError
 from .factored import Rows, densify
 from .factored import squared_norms as factored_norms
-from .fingerprint import loss_name, weights_digest
+from .fingerprint import FrozenRefs, frozen_digest, loss_name, weights_digest
 from .gradients import GradientEngine, LossFn, accumulation_dtype
 from .persistence import save_state
-from .rows import RowIndex
+from .projection import Projection, ProjectionSpec
+from .rows import RowIndex, RowOrder, batch_digest, row_digests
 from .state import FittedState
 from .storage import AutoGradientStore, GradientStore
 
@@ -42,6 +44,7 @@ __all__ = [
     "fit",
     "model_lock",
     "check_batch",
+    "check_metadata",
     "training_gradients",
 ]
 
@@ -88,6 +91,28 @@ def check_batch(x: Any, y: Any, what: str = "x") -> None:
         )
 
 
+def check_metadata(metadata: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """`metadata` as JSON reads it back (what a store returns after reopening).
+
+    Tuples become lists and keys become strings, so a state in memory holds
+    the same metadata as one reopened from disk.
+
+    Raises:
+        TypeError: values that JSON cannot hold (or NaN and infinities).
+
+    Example:
+        >>> check_metadata({"model": "smollm2", "columns": ("prompt", "completion")})
+        {'columns': ['prompt', 'completion'], 'model': 'smollm2'}
+        >>> check_metadata(None)
+        {}
+    """
+    try:
+        text = json.dumps(dict(metadata or {}), allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"fit metadata must be plain JSON: {e}") from None
+    return dict(json.loads(text))
+
+
 class GradientFunction:
     """Per-sample gradients per block of a model, as a plain function.
 
@@ -99,6 +124,16 @@ class GradientFunction:
         loss: the per-sample loss `loss(prediction, target)`.
         engine: the per-sample gradient engine.
         blocks: the block structure.
+        loss_id: a name for the loss, used as its identity instead of its
+            settings (see [loss_name][pydvl_datainf.fingerprint.loss_name]).
+        projections: a projection per block (see
+            [Compression][pydvl_datainf.projection.Compression]): the rows
+            are then the projected gradients $P_l g_{il}$, and the norms those
+            of the unprojected ones.
+
+    Raises:
+        UnidentifiableLossError: the loss cannot be identified and no
+            `loss_id` was given.
 
     Example:
         ```python
@@ -123,18 +158,42 @@ class GradientFunction:
         loss: LossFn,
         engine: GradientEngine,
         blocks: BlockStructure,
+        loss_id: Optional[str] = None,
+        projections: Optional[Mapping[str, ProjectionSpec]] = None,
     ):
         self.model = model
         self.loss = loss
         self.engine = engine
         self.blocks = blocks
+        self.loss_id = loss_id
+        self.loss_identity()  # fail early for a loss that cannot be identified
+        self.projections: Optional[OrderedDict[str, ProjectionSpec]] = None
+        if projections is not None:
+            if list(projections) != blocks.names:
+                raise ValueError(
+                    f"projections for blocks {list(projections)}, the model has "
+                    f"{blocks.names}"
+                )
+            for b in blocks:
+                spec = projections[b.name]
+                if spec.dim != b.size or len(spec.parts) != len(b.params):
+                    raise ValueError(
+                        f"the projection of block {b.name!r} takes {spec.dim} "
+                        f"columns in {len(spec.parts)} parts; the block has "
+                        f"{b.size} in {len(b.params)} parameters"
+                    )
+            self.projections = OrderedDict((k, projections[k]) for k in blocks.names)
         self.lock = model_lock(model)
         self._eval_depth = 0
+        self._frozen_refs: Optional[FrozenRefs] = None
+        self._materialised: Dict[str, Dict[str, Projection]] = {}
 
     def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
         del state["lock"]
         state["_eval_depth"] = 0
+        state["_frozen_refs"] = None
+        state["_materialised"] = {}  # regenerated from the specs where it runs
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -160,6 +219,23 @@ class GradientFunction:
     def fingerprint(self) -> str:
         """SHA-256 of the block parameters' current values."""
         return weights_digest(self.params)
+
+    def frozen(self) -> OrderedDict[str, torch.Tensor]:
+        """The model's other parameters and its buffers, by name: what the
+        gradients depend on besides the block parameters (as the model holds
+        them now)."""
+        if self._frozen_refs is None:
+            self._frozen_refs = FrozenRefs(self.model, self.blocks.parameter_names())
+        return self._frozen_refs.current()
+
+    def frozen_fingerprint(self) -> str:
+        """Digest of the frozen parameters' and buffers' current values."""
+        return frozen_digest(self.frozen())
+
+    def loss_identity(self) -> str:
+        """The identity of the loss and its settings (see
+        [loss_name][pydvl_datainf.fingerprint.loss_name])."""
+        return loss_name(self.loss, self.loss_id)
 
     @contextmanager
     def eval_mode(self) -> Iterator[None]:
@@ -212,7 +288,11 @@ class GradientFunction:
         x, y = x.to(device), y.to(device)
         with self.eval_mode():
             params = self.params
-            if factored:
+            if self.projections is not None:
+                projected = self.engine.per_sample_grads_projected(
+                    self.model, self.loss, x, y, params, self.parameter_projections()
+                )
+            elif factored:
                 per_param = self.engine.per_sample_grads_factored(
                     self.model, self.loss, x, y, params
                 )
@@ -220,8 +300,18 @@ class GradientFunction:
                 per_param = dict(
                     self.engine.per_sample_grads(self.model, self.loss, x, y, params)
                 )
-        grads = self.blocks.gather(per_param)
-        norms = OrderedDict((k, factored_norms(g)) for k, g in grads.items())
+        if self.projections is not None:
+            rows = self.blocks.gather({p: g.rows for p, g in projected.items()})
+            grads: Dict[str, Rows] = (
+                rows if factored else {k: densify(g) for k, g in rows.items()}
+            )
+            norms = OrderedDict(
+                (b.name, sum_norms([projected[p].squared_norms for p in b.params]))
+                for b in self.blocks
+            )
+        else:
+            grads = self.blocks.gather(per_param)
+            norms = OrderedDict((k, factored_norms(g)) for k, g in grads.items())
         # the norms are >= 0: a finite total means all are finite; otherwise
         # look closer (the total alone may overflow)
         if bool(torch.isfinite(torch.cat(list(norms.values())).sum())):
@@ -240,6 +330,51 @@ class GradientFunction:
             f"NaN or inf per-sample gradients (or squared norms overflowing their "
             f"dtype) for {where} ({len(idx)} in all) in blocks {bad_blocks}"
         )
+
+    def parameter_projections(self) -> Dict[str, Projection]:
+        """The projection of every block parameter, by name, materialised on
+        the model's device (regenerated from the specs, checked, once)."""
+        assert self.projections is not None
+        device = self.device
+        key = str(device)
+        if key not in self._materialised:
+            out: Dict[str, Projection] = {}
+            for b in self.blocks:
+                whole = Projection(self.projections[b.name], device)
+                out.update(zip(b.params, whole.parts))
+            self._materialised[key] = out
+        return self._materialised[key]
+
+    def unproject(self, factors: Mapping[str, torch.Tensor]) -> Blockwise:
+        r"""Factors in projected space, $f_l$, taken back to parameter space,
+        $P_l^\top f_l$ (unchanged without projections): the directions in
+        parameter space whose inner products with the gradients are the
+        projected scores."""
+        if self.projections is None:
+            return OrderedDict(factors)
+        device = self.device
+        return OrderedDict(
+            (
+                k,
+                Projection(self.projections[k], device, f.dtype).transpose_apply(f),
+            )
+            for k, f in factors.items()
+        )
+
+    @property
+    def widths(self) -> List[int]:
+        """The width of each block's rows: $k_l$ projected, else $d_l$."""
+        if self.projections is None:
+            return list(self.blocks.sizes)
+        return [self.projections[k].k for k in self.blocks.names]
+
+
+def sum_norms(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The squared norm of a block's rows from its parameters' squared norms."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
 
 
 def _batches(data: Any, progress: bool) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -269,6 +404,7 @@ def fit(
     regularization_scale: float = 0.1,
     factorize: bool = True,
     progress: bool = True,
+    metadata: Optional[Mapping[str, Any]] = None,
 ) -> FittedState:
     r"""One pass over `data`: gradients into `store`, norms, $\lambda_l$, digests.
 
@@ -284,6 +420,8 @@ def fit(
         regularization_scale: $c$ in the `"auto"` rule.
         factorize: keep rank-one blocks factored in stores that accept it.
         progress: show a progress bar.
+        metadata: JSON-serialisable facts to record with the state (and the
+            store); see [check_metadata][pydvl_datainf.fit.check_metadata].
 
     Returns:
         The fitted state.
@@ -292,6 +430,7 @@ def fit(
         EmptyDataError: the loader yields no samples.
         NonFiniteGradientError: a gradient is NaN or inf (names the samples).
         RegularizationError: an invalid or out-of-range $\lambda_l$.
+        TypeError: `metadata` that JSON cannot hold.
 
     Example:
         ```python
@@ -312,6 +451,7 @@ def fit(
         ```
     """
     spec = validate_regularization(regularization, gradients.blocks.names)
+    recorded = check_metadata(metadata)
     if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
         logger.warning(
             "The training loader shuffles: training rows are numbered in the "
@@ -320,6 +460,7 @@ def fit(
     names = gradients.blocks.names
     factored = factorize and getattr(store, "accepts_factored", False)
     rows = RowIndex() if store.random_access else None
+    order = RowOrder()
     norm_parts: Dict[str, List[torch.Tensor]] = {k: [] for k in names}
     n = 0
     with gradients.eval_mode():  # eval mode once for the pass
@@ -329,15 +470,18 @@ def fit(
                 norm_parts[k].append(s)
             store.note_batch(x, y)
             store.append(grads)
+            digests = row_digests(x, y)
+            order.add(digests)
             if rows is not None:
-                rows.add(x, y)
+                rows.extend(digests, batch_digest(x, y))
             n += len(x)
         if n == 0:
             raise EmptyDataError(
                 "The training loader yielded no samples; DataInf needs n > 0"
             )
-        store.finalize()
+        store.finalize(publish=False)  # published once its state is saved
         fingerprint = gradients.fingerprint()
+        frozen = gradients.frozen_fingerprint()
     squared_norms = OrderedDict((k, torch.cat(v)) for k, v in norm_parts.items())
     state = FittedState(
         blocks=gradients.blocks,
@@ -346,11 +490,15 @@ def fit(
         regularization=OrderedDict(),
         store=store,
         fingerprint=fingerprint,
+        frozen_fingerprint=frozen,
         rows=rows,
+        rows_digest=order.hexdigest(),
+        projections=gradients.projections,
         regularization_spec=spec,
         regularization_scale=float(regularization_scale),
-        loss=loss_name(gradients.loss),
+        loss=gradients.loss_identity(),
         dtype=gradients.dtype,
+        metadata=recorded,
     )
     state = state.with_regularization(spec)
     if isinstance(store, AutoGradientStore):

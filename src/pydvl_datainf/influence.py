@@ -25,8 +25,11 @@ import logging
 import os
 from collections import OrderedDict
 from typing import (
+    TYPE_CHECKING,
     Any,
+    Callable,
     Dict,
+    Iterable,
     List,
     Mapping,
     Optional,
@@ -42,8 +45,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import formula
-from .blocks import BlockSpec, BlockStructure, build_blocks
+from .batches import DatasetBatches, adapter_for
+from .blocks import DEFAULT_SPEC, BlockSpec, BlockStructure, build_blocks
 from .config import RegularizationSpec, parse_bytes, validate_regularization
+from .dask_fit import fit_on_dask
 from .errors import (
     BlockStructureError,
     NotFittedError,
@@ -51,17 +56,26 @@ from .errors import (
     StaleModelError,
     StoreMismatchError,
 )
-from .fingerprint import WeightWatch, loss_name
+from .fingerprint import WeightWatch
 from .fit import GradientFunction, check_batch, training_gradients
 from .fit import fit as fit_state
-from .gradients import GradientEngine, LossFn, get_engine
+from .gradients import GradientEngine, LossFn, accumulation_dtype, get_engine
 from .operator import DataInfOperator
-from .persistence import load_state
+from .persistence import load_state, stored_projections
 from .perturbation import perturbation_influences_by_block
+from .projection import Compression, projection_specs
 from .rows import batch_digest
 from .state import FittedState
-from .storage import GradientStore, ZarrGradientStore, resolve_store_dtype
+from .storage import (
+    GradientStore,
+    ZarrGradientStore,
+    inspect_path,
+    resolve_store_dtype,
+)
 from .storage.policy import StoreSpec, check_store_spec, new_store
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
 
 __all__ = ["DataInfInfluence", "RegularizationSpec"]
 
@@ -96,8 +110,20 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             $\lambda_l = c \cdot \text{mean}_i \lVert g_{il}\rVert^2 / d_l$,
             a positive float for every block, or a dict with one value
             (float or `"auto"`) for every block name.
-        block_structure: see [build_blocks][pydvl_datainf.blocks.build_blocks];
-            default one block per leaf module with trainable parameters.
+        block_structure: a spec for
+            [build_blocks][pydvl_datainf.blocks.build_blocks] (`"paper"`,
+            `"module"`, `"lora"`, `"parameter"`, a pyDVL `BlockMode`, a
+            mapping `{block: [parameter names]}`) or a
+            [BlockStructure][pydvl_datainf.blocks.BlockStructure] it built.
+            Default `"paper"`: one block per LoRA matrix (`lora_A`, `lora_B`),
+            and one per leaf module for other trainable parameters.
+        include_head: for a LoRA model with other trainable parameters (e.g.
+            the classifier head that PEFT keeps in `modules_to_save`), with a
+            string `block_structure`: `None` keeps them as blocks of their own
+            and warns with a
+            [HeadBlocksWarning][pydvl_datainf.blocks.HeadBlocksWarning];
+            `True` keeps them silently; `False` leaves them out, so that the
+            blocks are the LoRA matrices only, as in the DataInf paper.
         regularization_scale: $c$ in the `"auto"` rule (0.1 in the paper).
         engine: per-sample gradient engine, a name (`"auto"`, `"func"`,
             `"loop"`, ...) or an instance of
@@ -122,6 +148,19 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         store_options: more [ZarrGradientStore][pydvl_datainf.storage.ZarrGradientStore]
             arguments: `overwrite`, `chunk_rows`, `storage_options`,
             `compressors`.
+        loss_id: a name for the loss, used as its identity in stores and
+            outputs instead of its settings. Needed for a loss whose settings
+            cannot be read (see [loss_name][pydvl_datainf.fingerprint.loss_name]);
+            change it whenever the loss changes.
+        compression: compress the per-sample gradients before they are
+            stored: a [Compression][pydvl_datainf.projection.Compression]
+            (or a dict of its fields, e.g. `{"side": 16}`), or explicit
+            projections `{block: ProjectionSpec}`. Every block is projected
+            with a seeded random projection recorded in the store; the squared
+            norms and $\lambda_l$ stay exact, inner products are taken in
+            projected space (see the docs' "Scaling to LLMs" page for the
+            error and how to choose the size). Factors, stored rows and
+            `per_sample_gradients` are then in projected space. Default: none.
         factorize: let `fit` keep rank-one per-sample gradients (linear layers
             without a token dimension, e.g. the LoRA adapters of an MLP) as
             their two factors in the in-memory cache (see
@@ -151,8 +190,9 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         model: nn.Module,
         loss: LossFn,
         regularization: RegularizationSpec = "auto",
-        block_structure: BlockSpec = "module",
+        block_structure: BlockSpec = DEFAULT_SPEC,
         *,
+        include_head: Optional[bool] = None,
         regularization_scale: float = formula.DEFAULT_REGULARIZATION_SCALE,
         engine: Union[str, GradientEngine] = "auto",
         store: StoreSpec = "memory",
@@ -163,10 +203,14 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         memory_budget: Union[None, int, str] = None,
         store_options: Optional[Mapping[str, Any]] = None,
         factorize: bool = True,
+        loss_id: Optional[str] = None,
+        compression: Union[None, Compression, Mapping[str, Any]] = None,
     ):
         self.model = model
         self.loss = loss
-        self.blocks: BlockStructure = build_blocks(model, block_structure)
+        self.blocks: BlockStructure = build_blocks(
+            model, block_structure, include_head=include_head
+        )
         if not (regularization_scale > 0 and regularization_scale < float("inf")):
             raise RegularizationError(
                 f"regularization_scale must be positive, got {regularization_scale}"
@@ -184,11 +228,21 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         self.store_dtype = resolve_store_dtype(store_dtype)
         self.memory_budget = memory_budget
         self.store_options: Dict[str, Any] = dict(store_options or {})
-        self._owned_store_path: Optional[str] = None
+        self._owned_store: Optional[Tuple[str, str]] = None  # (path, store id)
         self.progress = progress
         self.factorize = bool(factorize)
         self.test_factor_cache = int(test_factor_cache)
-        self._gradients = GradientFunction(model, loss, self.engine, self.blocks)
+        dtype = dict(model.named_parameters())[self.blocks.parameter_names()[0]].dtype
+        self._gradients = GradientFunction(
+            model,
+            loss,
+            self.engine,
+            self.blocks,
+            loss_id=loss_id,
+            projections=projection_specs(
+                compression, self.blocks, accumulation_dtype(dtype)
+            ),
+        )
         self._lock = self._gradients.lock
         self._factor_cache: OrderedDict[Tuple[int, bytes], Blockwise] = OrderedDict()
         self._generation = 0
@@ -227,25 +281,51 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         """The fitted state, after checking that the model is fitted and its
         weights are those that were fitted.
 
+        The check is cheap: the trainable weights are hashed, and the frozen
+        ones and the buffers are checked for in-place changes (see
+        [WeightWatch][pydvl_datainf.fingerprint.WeightWatch]).
+
         Raises:
             NotFittedError: before `fit`.
-            StaleModelError: the trainable weights changed since `fit`.
+            StaleModelError: the weights changed since `fit`.
         """
         return self._snapshot()[0]
 
-    def _snapshot(self) -> Tuple[FittedState, int]:
+    def _snapshot(self, full: bool = False) -> Tuple[FittedState, int]:
         """The fitted state and its generation, checked, in one consistent read."""
         with self._lock:
             state, generation, watch = self._fitted, self._generation, self._watch
         if state is None or watch is None:
             raise NotFittedError(type(self))
-        if watch.changed():
+        current = self._gradients.frozen()
+        reason = watch.changed_fully(current) if full else watch.changed(current)
+        if reason == "trainable":
             raise StaleModelError(
                 "The model's trainable weights changed after fit; the cached "
                 "gradients no longer apply. Call fit again, or restore the fitted "
                 "weights."
             )
+        if reason:
+            raise StaleModelError(
+                "The model's frozen weights or buffers (parameters outside the "
+                "blocks, e.g. the base model of LoRA adapters, or normalisation "
+                "statistics) changed after fit; the cached gradients no longer "
+                "apply. Call fit again, or restore them."
+            )
         return state, generation
+
+    def verified_state(self) -> FittedState:
+        """The fitted state after a full check of every weight the gradients
+        depend on: the trainable weights and a full digest of the frozen ones
+        and of the buffers. Long runs (an influence matrix, top-k,
+        self-influence) call it once at their start; queries make the cheaper
+        check of [state][pydvl_datainf.influence.DataInfInfluence.state].
+
+        Raises:
+            NotFittedError: before `fit`.
+            StaleModelError: a weight or buffer changed since `fit`.
+        """
+        return self._snapshot(full=True)[0]
 
     @property
     def fingerprint(self) -> str:
@@ -256,6 +336,11 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
     def store(self) -> Optional[GradientStore]:
         """The training gradients (`None` before fit)."""
         return None if self._fitted is None else self._fitted.store
+
+    @property
+    def metadata(self) -> Dict[str, Any]:
+        """The metadata recorded by `fit` (`{}` before fit or if none)."""
+        return {} if self._fitted is None else dict(self._fitted.metadata)
 
     @property
     def n_train(self) -> int:
@@ -316,9 +401,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         with self._lock:
             self.model.to(device)
             state = None if self._fitted is None else self._fitted.to(device)
-            watch = (
-                None if state is None else WeightWatch(self.params, self.fingerprint)
-            )
+            watch = None if state is None else self._new_watch(state)
             self._set_state(state, watch)
         return self
 
@@ -416,7 +499,8 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             y: targets.
 
         Returns:
-            `(len(x), n_parameters)`, blocks concatenated in block order.
+            `(len(x), n_parameters)`, blocks concatenated in block order
+            (with `compression`: `(len(x), sum of k_l)`, in projected space).
         """
         return self._influence_factors(x, y)
 
@@ -438,6 +522,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                 out[k] = f.to(dtype) @ g.T
             return out
         device = self.device
+        factors = self._gradients.unproject(factors)  # into parameter space
         with self._gradients.eval_mode():
             return OrderedDict(
                 perturbation_influences_by_block(
@@ -597,11 +682,31 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         return DataInfOperator(state).scores(factors)
 
     # -------------------------------------------------------------------- fit
+    def _new_watch(self, state: FittedState) -> WeightWatch:
+        return WeightWatch(
+            self.params,
+            state.fingerprint,
+            self._gradients.frozen(),
+            state.frozen_fingerprint,
+        )
+
+    def _owns_store_at_path(self) -> bool:
+        """Whether the store at `store_path` is the one this instance created."""
+        if self.store_path is None or self._owned_store is None:
+            return False
+        path, store_id = self._owned_store
+        if path != self.store_path:
+            return False
+        found = inspect_path(path, self.store_options.get("storage_options"))
+        return bool(found.attrs.get("store_id")) and found.attrs["store_id"] == store_id
+
     def _new_store(self, data: Any = None) -> GradientStore:
-        """A new store for `fit`; refitting may replace the store it made."""
-        own = self.store_path is not None and self.store_path == self._owned_store_path
+        """A new store for `fit`; refitting may replace the store this
+        instance created (never one it only opened, nor one that replaced it)."""
         options = dict(self.store_options)
-        options["overwrite"] = bool(options.get("overwrite", False)) or own
+        options["overwrite"] = (
+            bool(options.get("overwrite", False)) or self._owns_store_at_path()
+        )
         store = new_store(
             self._store_spec,
             self.blocks.names,
@@ -613,18 +718,56 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             bytes_per_row=self.n_parameters * self._gradients.dtype.itemsize,
             options=options,
         )
-        if self._store_spec in ("zarr", "auto") and self.store_path is not None:
-            self._owned_store_path = self.store_path
         return store
 
-    def fit(self, data: DataLoader) -> DataInfInfluence:
-        """One pass over `data`: cache gradients, squared norms and $\\lambda_l$.
+    def _remember_store(self, store: GradientStore) -> None:
+        """Remember a Zarr store this instance created at `store_path`."""
+        store = getattr(store, "resolved", store)
+        if isinstance(store, ZarrGradientStore) and store.path == self.store_path:
+            self._owned_store = (store.path, store.store_id)
+
+    def fit(
+        self,
+        data: Union[DataLoader, Iterable[Tuple[torch.Tensor, torch.Tensor]], Any],
+        *,
+        collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+        batch_size: int = 8,
+        metadata: Optional[Mapping[str, Any]] = None,
+        client: Optional[Client] = None,
+        partition_rows: Optional[int] = None,
+        resume: bool = False,
+    ) -> DataInfInfluence:
+        r"""One pass over `data`: cache gradients, squared norms and $\lambda_l$.
 
         Training rows are numbered in the order of this pass (a shuffling
         loader gives a random order; prefer `shuffle=False`).
 
+        With a Dask `client`, the pass runs on the cluster: fixed partitions
+        of rows, each written by a task into the Zarr store at `store_path`,
+        with the same bits as a one-process fit (see
+        [fit_on_dask][pydvl_datainf.dask_fit.fit_on_dask]).
+
         Args:
-            data: an iterable of `(x, y)` batches, e.g. a torch DataLoader.
+            data: an iterable of `(x, y)` batches, e.g. a torch DataLoader; or,
+                with `collate_fn`, a map-style dataset (e.g. a tokenized
+                `datasets.Dataset`), read in order: row `i` is dataset row `i`.
+            collate_fn: makes a batch of dataset rows (e.g. a Hugging Face data
+                collator); the model's `batch_adapter`, if it has one, turns
+                the batch into `(x, y)` (see
+                [DatasetBatches][pydvl_datainf.batches.DatasetBatches]).
+            batch_size: rows per batch with `collate_fn` (scores do not depend
+                on it).
+            metadata: JSON-serialisable facts to record with the fit (and in a
+                Zarr store); read back by
+                [metadata][pydvl_datainf.influence.DataInfInfluence.metadata],
+                also after `from_store`.
+            client: a `distributed.Client` to fit on (needs `store="zarr"`;
+                `data` a DataLoader over a map-style dataset, in order, or a
+                dataset with `collate_fn`).
+            partition_rows: with `client`, rows per partition (default about
+                $n/16$).
+            resume: with `client`, finish an interrupted fit of the same model,
+                loss and data.
 
         Returns:
             This instance, fitted.
@@ -632,9 +775,42 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         Raises:
             EmptyDataError: the loader yields no samples.
             NonFiniteGradientError: a gradient is NaN or inf (names the samples).
-            RegularizationError: an `"auto"` $\\lambda_l$ is zero, or a value
+            RegularizationError: an `"auto"` $\lambda_l$ is zero, or a value
                 is out of range for the compute dtype.
+            ValueError: `client` without `store="zarr"` and a `store_path`.
+            TypeError: `metadata` that JSON cannot hold.
+
+        Example:
+            ```python
+            import torch
+            from torch.utils.data import TensorDataset
+            from pydvl_datainf import DataInfInfluence
+
+            model, loss = torch.nn.Linear(4, 3), torch.nn.functional.cross_entropy
+            dataset = TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,)))
+            infl = DataInfInfluence(model, loss, progress=False).fit(
+                dataset, collate_fn=torch.utils.data.default_collate,
+                metadata={"data": "random"})
+            assert infl.n_train == 20 and infl.metadata == {"data": "random"}
+            ```
         """
+        if collate_fn is not None:
+            data = DatasetBatches(
+                data, collate_fn, batch_size=batch_size, adapter=adapter_for(self.model)
+            )
+        if client is None and (partition_rows is not None or resume):
+            raise ValueError("partition_rows and resume apply to a fit with client=")
+        if client is not None:
+            loader = data.loader() if isinstance(data, DatasetBatches) else data
+            # not under the model's lock: in-process workers compute on this
+            # very model, and take the lock themselves
+            with self._lock:
+                self._set_state(None)
+            state = self._fit_on_dask(loader, client, partition_rows, resume, metadata)
+            with self._lock:
+                self._remember_store(state.store)
+                self._set_state(state, self._new_watch(state))
+            return self
         with self._lock:
             self._set_state(None)
             store = self._new_store(data)
@@ -647,12 +823,47 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
                     regularization_scale=self.regularization_scale,
                     factorize=self.factorize,
                     progress=self.progress,
+                    metadata=metadata,
                 )
             except BaseException:
                 store.close()  # a temporary directory goes at once
                 raise
-            self._set_state(state, WeightWatch(self.params))
+            self._remember_store(state.store)
+            self._set_state(state, self._new_watch(state))
         return self
+
+    def _fit_on_dask(
+        self,
+        data: Any,
+        client: Client,
+        partition_rows: Optional[int],
+        resume: bool,
+        metadata: Optional[Mapping[str, Any]],
+    ) -> FittedState:
+        if self._store_spec != "zarr" or self.store_path is None:
+            raise ValueError(
+                "A fit on Dask writes a Zarr store that the workers share: pass "
+                "store='zarr' and a store_path that every worker can reach"
+            )
+        options = self.store_options
+        return fit_on_dask(
+            self._gradients,
+            data,
+            client,
+            self.store_path,
+            regularization=self._regularization_spec,
+            regularization_scale=self.regularization_scale,
+            dtype=self.store_dtype,
+            chunk_rows=options.get("chunk_rows"),
+            partition_rows=partition_rows,
+            overwrite=bool(options.get("overwrite", False))
+            or self._owns_store_at_path(),
+            resume=resume,
+            storage_options=options.get("storage_options"),
+            compressors=options.get("compressors"),
+            metadata=metadata,
+            progress=self.progress,
+        )
 
     @classmethod
     def from_store(
@@ -667,13 +878,20 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
         test_factor_cache: int = 4,
         storage_options: Optional[Mapping[str, Any]] = None,
         allow_other_loss: bool = False,
+        loss_id: Optional[str] = None,
     ) -> DataInfInfluence:
         r"""Reopen a model fitted into a Zarr gradient store, without refitting.
 
         The store records the block structure, $n$, $\lambda_l$, the squared
-        norms, a SHA-256 of the fitted weights, the name of the loss and the
-        digests of the training rows; the model must have exactly these
-        blocks and weights, and the loss must have the same name.
+        norms, a SHA-256 of the fitted weights, a digest of the frozen weights
+        and buffers, the identity of the loss with its settings, and the
+        digests of the training rows and of their order; the model must have
+        exactly these blocks and weights (frozen ones included), and the loss
+        must be the same, with the same settings.
+
+        The reopened model reads the store but does not own it: `fit` on it
+        refuses to replace the store unless `store_options={"overwrite": True}`
+        is given to a new instance.
 
         Args:
             model: the model, with the weights it had at fit.
@@ -689,6 +907,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             storage_options: fsspec options for URLs.
             allow_other_loss: accept a loss whose name differs from the one
                 recorded at fit (e.g. the same function defined elsewhere).
+            loss_id: the name given to the loss at fit, if one was.
 
         Returns:
             A fitted instance reading its training gradients from the store.
@@ -697,7 +916,8 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
 
         Raises:
             StoreMismatchError: the store is incomplete or damaged, or was
-                written for other blocks, other weights or another loss.
+                written for other blocks, other weights (frozen ones
+                included) or another loss.
             RegularizationError: a stored $\lambda_l$ is not positive and
                 finite, or out of range for the model's dtype.
             FileNotFoundError: no store at the path.
@@ -727,7 +947,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             else ZarrGradientStore.open(store, storage_options)
         )
         recorded = zs.load_fit_state()
-        try:
+        try:  # the recorded mapping, whatever spec or default made it
             blocks = build_blocks(model, recorded.block_structure)
         except BlockStructureError as e:
             raise StoreMismatchError(
@@ -738,7 +958,7 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             model,
             loss,
             "auto",
-            recorded.block_structure,
+            blocks,
             regularization_scale=recorded.regularization_scale,
             engine=engine,
             progress=progress,
@@ -746,18 +966,21 @@ class DataInfInfluence(InfluenceFunctionModel[torch.Tensor, DataLoader]):
             store="zarr",
             store_path=zs.path,
             store_options={"storage_options": dict(storage_options or {})},
+            loss_id=loss_id,
+            compression=stored_projections(recorded),
         )
-        watch = WeightWatch(self.params)
+        watch = WeightWatch(self.params, frozen=self._gradients.frozen())
         state = load_state(
             zs,
             blocks,
             watch.digest,
-            loss_name(loss),
+            self._gradients.loss_identity(),
+            frozen_fingerprint=watch.frozen_digest,
+            projections=self._gradients.projections,
             dtype=self._gradients.dtype,
             regularization=regularization,
             allow_other_loss=allow_other_loss,
         )
         self._regularization_spec = state.regularization_spec
-        self._owned_store_path = zs.path
         self._set_state(state, watch)
         return self

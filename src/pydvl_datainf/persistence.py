@@ -3,9 +3,11 @@ reopening it, and the one identity check for everything written to disk.
 
 A Zarr gradient store records, besides the gradients: the block structure and
 shapes, $n$, the squared norms, $\lambda_l$ and their spec, the SHA-256 of the
-fitted weights, the name of the loss, and the digests of the training rows.
-[load_state][pydvl_datainf.persistence.load_state] checks all of it against
-the model at hand and refuses a mismatch with
+fitted weights, the digest of the frozen weights and buffers, the identity of
+the loss (with its settings), the digests of the training rows and of their
+order. [load_state][pydvl_datainf.persistence.load_state] checks all of it
+against the model at hand, recomputes $\lambda_l$ where its spec allows, and
+refuses a mismatch with
 [StoreMismatchError][pydvl_datainf.errors.StoreMismatchError], naming what
 differs. [identity][pydvl_datainf.persistence.identity] and
 [check_identity][pydvl_datainf.persistence.check_identity] are the same check
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional
 
@@ -23,27 +26,46 @@ import numpy as np
 import torch
 
 from .blocks import BlockStructure
-from .config import RegularizationSpec, check_regularization
-from .errors import RegularizationError, StoreMismatchError
+from .config import (
+    RegularizationSpec,
+    check_regularization,
+    resolve_regularization,
+)
+from .errors import (
+    NegligibleGradientWarning,
+    RegularizationError,
+    StoreMismatchError,
+    outside_stacklevel,
+)
+from .projection import (
+    ProjectionSpec,
+    projections_digest,
+    projections_from_dict,
+    projections_to_dict,
+)
 from .rows import DIGEST_BYTES, RowIndex
 from .state import FittedState
-from .storage import (
-    FitState,
-    ZarrGradientStore,
-    create_checked_array,
-    open_checked_array,
-    open_zarr_group,
-    read_checked,
-    write_manifest,
-)
+from .storage import FitState, ZarrGradientStore
 
-__all__ = ["save_state", "load_state", "identity", "check_identity"]
+__all__ = [
+    "save_state",
+    "load_state",
+    "identity",
+    "check_identity",
+    "stored_metadata",
+    "stored_projections",
+]
 
 logger = logging.getLogger(__name__)
 
 _ROWS = "rows/digests"
+_METADATA = "metadata"  # the key of the caller's fit metadata in the fit state
+_PROJECTIONS = "projections"  # the key of the blocks' projections
 _REASONS = {
     "weights_digest": "other weights",
+    "projections": "another compression of the gradients",
+    "frozen_digest": "other frozen weights (another base model, quantization or buffers)",
+    "train_order": "training rows in another order (or other training rows)",
     "test_digest": "other test data",
     "n_train": "another number of training points",
     "n_test": "another number of test points",
@@ -67,8 +89,8 @@ def identity(state: FittedState, **extra: Any) -> Dict[str, Any]:
         **extra: more entries (e.g. `n_test`, `test_digest`).
 
     Returns:
-        `{n_train, block_names, block_sizes, weights_digest, regularization,
-        norm_sums, loss, **extra}`.
+        `{n_train, block_names, block_sizes, weights_digest, frozen_digest,
+        train_order, regularization, norm_sums, loss, **extra}`.
 
     Example:
         ```python
@@ -88,6 +110,9 @@ def identity(state: FittedState, **extra: Any) -> Dict[str, Any]:
         "block_names": list(state.blocks.names),
         "block_sizes": list(state.blocks.sizes),
         "weights_digest": state.fingerprint,
+        "frozen_digest": state.frozen_fingerprint,
+        "train_order": state.rows_digest,
+        "projections": projections_digest(state.projections),
         "regularization": {k: float(v) for k, v in state.regularization.items()},
         "norm_sums": dict(state.norm_sums),
         "loss": state.loss,
@@ -147,12 +172,13 @@ def _zarr(store: Any) -> Optional[ZarrGradientStore]:
 def save_state(state: FittedState) -> None:
     """Persist `state` with its store (a no-op for in-memory stores).
 
-    The loss name goes with the store's own fit state, which marks the store
-    complete; the row digests follow, checksummed and listed in the store's
-    manifest. A store whose writer died in between reopens without a row index,
-    which changes no number (see `DataInfInfluence`).
+    The identity of the fit goes with the store's own fit state, which marks
+    the store complete; the row digests follow, bound to their places and
+    listed in the store's manifest; then the store is published at its path
+    (see [publish][pydvl_datainf.storage.zarr.ZarrGradientStore.publish]).
     """
     indexed = state.rows is not None and state.rows.n == state.n
+    warn_negligible(state)
     state.store.save_fit_state(
         FitState(
             n_train=state.n,
@@ -163,22 +189,21 @@ def save_state(state: FittedState) -> None:
             weights_digest=state.fingerprint,
             block_structure=dict(state.blocks.to_dict()),
             block_shapes={b.name: [list(s) for s in b.shapes] for b in state.blocks},
-            extra={"loss": state.loss, "rows_indexed": indexed},
+            frozen_digest=state.frozen_fingerprint,
+            rows_digest=state.rows_digest,
+            extra={
+                "loss": state.loss,
+                "rows_indexed": indexed,
+                _METADATA: dict(state.metadata),
+                _PROJECTIONS: projections_to_dict(state.projections),
+            },
         )
     )
     zs = _zarr(state.store)
     if zs is not None and state.rows is not None and indexed:
-        group = open_zarr_group(zs.path, "r+", zs.storage_options)
         digests = state.rows.digests()
-        arr = create_checked_array(
-            group,
-            _ROWS,
-            shape=digests.shape,
-            chunks=(max(1, min(len(digests), 2**20)), DIGEST_BYTES),
-            dtype="uint8",
-        )
-        arr[:] = digests
-        write_manifest(group, [_ROWS])
+        zs.save_array(_ROWS, digests, max(1, min(len(digests), 2**20)))
+    state.store.publish()
 
 
 def _load_rows(
@@ -186,33 +211,20 @@ def _load_rows(
 ) -> Optional[RowIndex]:
     if not extra.get("rows_indexed"):
         return None
-    group = open_zarr_group(zs.path, "r", zs.storage_options)
-    manifest = dict(group.attrs.get("manifest") or {})
-    if _ROWS not in manifest:  # the writer died before the index was written
+    digests = zs.load_array(_ROWS)
+    if digests is None:  # the writer died before the index was written
         logger.warning(
             "The gradient store at %s has no row index; training rows passed "
             "to queries are recomputed (rounded as stored).",
             zs.path,
         )
         return None
-    recover = "Fit again with overwrite=True."
-    arr = open_checked_array(
-        group,
-        _ROWS,
-        zs.path,
-        shape=(n, DIGEST_BYTES),
-        manifest=manifest,
-        what="gradient store",
-        recover=recover,
-    )
-    digests = read_checked(
-        arr,
-        _ROWS,
-        zs.path,
-        (slice(0, n), slice(0, DIGEST_BYTES)),
-        what="gradient store",
-        recover=recover,
-    )
+    if digests.shape != (n, DIGEST_BYTES):
+        raise StoreMismatchError(
+            f"The row index of the gradient store at {zs.path!r} has shape "
+            f"{digests.shape}, not ({n}, {DIGEST_BYTES}): the store is damaged. "
+            f"Fit again with overwrite=True."
+        )
     return RowIndex.from_digests(np.asarray(digests))
 
 
@@ -222,6 +234,8 @@ def load_state(
     fingerprint: str,
     loss: str,
     *,
+    frozen_fingerprint: str,
+    projections: Optional[Mapping[str, ProjectionSpec]] = None,
     dtype: torch.dtype = torch.float32,
     regularization: Optional[RegularizationSpec] = None,
     allow_other_loss: bool = False,
@@ -232,8 +246,12 @@ def load_state(
         store: the open store.
         blocks: the model's block structure (built from the stored spec).
         fingerprint: the model's current weights digest.
-        loss: the name of the loss at hand (see
+        loss: the identity of the loss at hand (see
             [loss_name][pydvl_datainf.fingerprint.loss_name]).
+        frozen_fingerprint: the digest of the model's current frozen weights
+            and buffers (see [frozen_digest][pydvl_datainf.fingerprint.frozen_digest]).
+        projections: the projections the model compresses its gradients with
+            (`None`: none); they must be those the store was written with.
         dtype: the compute dtype, for the range check of $\lambda_l$.
         regularization: `None` keeps the stored $\lambda_l$; else a new spec,
             resolved from the stored norms.
@@ -244,20 +262,28 @@ def load_state(
         The fitted state over `store`.
 
     Raises:
-        StoreMismatchError: an incomplete store, other blocks, weights or
-            loss, or inconsistent contents.
+        StoreMismatchError: an incomplete store, other blocks, weights,
+            frozen weights or loss, or inconsistent contents.
         RegularizationError: a stored $\lambda_l$ that is not positive and
-            finite, or out of range for `dtype`.
+            finite, out of range for `dtype`, or not the value its spec gives
+            with the stored norms (it was edited).
     """
     fs = store.load_fit_state()
     path = store.path
+    stored_projections = projections_from_dict(dict(fs.extra or {}).get(_PROJECTIONS))
     shapes = {b.name: [list(s) for s in b.shapes] for b in blocks}
+    widths = (
+        list(blocks.sizes)
+        if stored_projections is None
+        else [stored_projections[k].k for k in blocks.names]
+    )
     if (fs.block_shapes and shapes != fs.block_shapes) or (
-        list(blocks.sizes) != list(store.block_sizes)
+        widths != list(store.block_sizes)
     ):
         raise StoreMismatchError(
             f"The gradient store at {path!r} was written for blocks of other "
-            f"shapes: stored {fs.block_shapes}, model {shapes}"
+            f"shapes: stored {fs.block_shapes} (rows of widths "
+            f"{list(store.block_sizes)}), model {shapes} (widths {widths})"
         )
     if fs.weights_digest != fingerprint:
         raise StoreMismatchError(
@@ -266,7 +292,29 @@ def load_state(
             f"{fingerprint[:12]}...). Load the weights that were fitted, or fit "
             f"again."
         )
+    if fs.frozen_digest != frozen_fingerprint:
+        raise StoreMismatchError(
+            f"The gradient store at {path!r} was written for other frozen weights: "
+            f"the model's parameters outside the blocks or its buffers differ from "
+            f"those at fit (digest {fs.frozen_digest[:12]}..., the model has "
+            f"{frozen_fingerprint[:12]}...). A common cause: the adapters were put "
+            f"on another base model, or on another quantization of it. Load the "
+            f"base model that was fitted, or fit again."
+        )
     extra = dict(getattr(fs, "extra", None) or {})
+    if projections_digest(stored_projections) != projections_digest(projections):
+        raise StoreMismatchError(
+            f"The gradient store at {path!r} holds "
+            + (
+                "uncompressed gradients"
+                if stored_projections is None
+                else "gradients compressed with other projections"
+            )
+            + ", but the model "
+            + ("compresses" if projections is not None else "does not compress")
+            + " its gradients in this way. Reopen it with the store's own "
+            "compression (DataInfInfluence.from_store does), or fit again."
+        )
     stored_loss = str(extra.get("loss", ""))
     if not stored_loss:
         logger.warning(
@@ -277,8 +325,9 @@ def load_state(
     elif stored_loss != loss and not allow_other_loss:
         raise StoreMismatchError(
             f"The gradient store at {path!r} was written with the loss "
-            f"{stored_loss!r}, but the model is given {loss!r}. Pass the loss used "
-            f"at fit, or allow_other_loss=True if it is the same function."
+            f"{stored_loss!r}, but the model is given another loss, or the same one "
+            f"with other settings: {loss!r}. Pass the loss used at fit, or "
+            f"allow_other_loss=True if it is the same function."
         )
     n = int(fs.n_train)
     norms = OrderedDict((k, fs.squared_norms[k]) for k in blocks.names)
@@ -314,6 +363,8 @@ def load_state(
                 f"{e}. The gradient store at {path!r} is damaged or was edited; "
                 f"pass regularization= to set λ, or fit again."
             ) from None
+    if regularization is None:
+        _check_derived_lambda(fs, blocks, norms, lam, dtype, maxima, path)
     state = FittedState(
         blocks=blocks,
         n=n,
@@ -321,12 +372,112 @@ def load_state(
         regularization=lam,
         store=store,
         fingerprint=fingerprint,
+        frozen_fingerprint=frozen_fingerprint,
+        projections=(
+            None
+            if stored_projections is None
+            else OrderedDict((k, stored_projections[k]) for k in blocks.names)
+        ),
         rows=_load_rows(store, n, extra),
+        rows_digest=fs.rows_digest,
         regularization_spec=OrderedDict(fs.regularization_spec),
         regularization_scale=float(fs.regularization_scale),
         loss=stored_loss or loss,
         dtype=dtype,
+        metadata=stored_metadata(fs),
     )
     if regularization is not None:
         state = state.with_regularization(regularization)
     return state
+
+
+_LAMBDA_RTOL = 1e-5  # sums of squared norms over other CPUs round differently
+
+
+def _check_derived_lambda(
+    fs: FitState,
+    blocks: BlockStructure,
+    norms: Mapping[str, torch.Tensor],
+    lam: Mapping[str, float],
+    dtype: torch.dtype,
+    maxima: Mapping[str, float],
+    path: str,
+) -> None:
+    """Refuse a stored λ_l that is not what its spec gives with the stored norms."""
+    spec = {k: fs.regularization_spec.get(k, "auto") for k in blocks.names}
+    sums = {k: float(v.sum()) for k, v in norms.items()}  # as fit sums them
+    want = resolve_regularization(
+        spec, blocks, sums, int(fs.n_train), fs.regularization_scale, dtype, maxima
+    )
+    for k in blocks.names:
+        if not math.isclose(lam[k], want[k], rel_tol=_LAMBDA_RTOL, abs_tol=0.0):
+            raise RegularizationError(
+                f"The stored regularization of block {k!r} is {lam[k]!r}, but its "
+                f"spec {spec[k]!r} with the stored squared norms gives {want[k]!r}: "
+                f"the gradient store at {path!r} is damaged or was edited. Pass "
+                f"regularization= to set λ, or fit again."
+            )
+
+
+def stored_metadata(store: Any) -> Dict[str, Any]:
+    """The metadata that `fit(..., metadata=...)` recorded in a store, read
+    without a model (e.g. to rebuild the model a command line run used).
+
+    Args:
+        store: a [ZarrGradientStore][pydvl_datainf.storage.ZarrGradientStore]
+            (complete), its path or URL, or its
+            [FitState][pydvl_datainf.storage.FitState].
+
+    Returns:
+        The recorded metadata; `{}` if none was recorded.
+
+    Raises:
+        StoreMismatchError: an incomplete store.
+        FileNotFoundError: no store at the path.
+
+    Example:
+        ```python
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from pydvl_datainf import DataInfInfluence
+        from pydvl_datainf.persistence import stored_metadata
+
+        model, loss = torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy
+        data = DataLoader(TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,))))
+        DataInfInfluence(model, loss, store="zarr", store_path="grads.zarr",
+                         progress=False).fit(data, metadata={"run": 1})
+        assert stored_metadata("grads.zarr") == {"run": 1}
+        ```
+    """
+    if isinstance(store, FitState):
+        fs = store
+    else:
+        zs = (
+            store
+            if isinstance(store, ZarrGradientStore)
+            else ZarrGradientStore.open(store)
+        )
+        fs = zs.load_fit_state()
+    extra = dict(getattr(fs, "extra", None) or {})
+    return dict(extra.get(_METADATA) or {})
+
+
+def stored_projections(state: FitState) -> Optional[Dict[str, ProjectionSpec]]:
+    """The projections a store's gradients were compressed with (`None` if
+    they were not), from its [FitState][pydvl_datainf.storage.FitState]."""
+    return projections_from_dict(dict(state.extra or {}).get(_PROJECTIONS))
+
+
+def warn_negligible(state: FittedState) -> None:
+    """Warn about blocks whose gradients are rounding noise (a fit's check)."""
+    tiny = state.negligible_blocks()
+    if tiny:
+        warnings.warn(
+            f"The gradients of blocks {tiny} are at the level of rounding errors "
+            f"(their mean squared entry is below the dtype's epsilon squared times "
+            f"the largest block's): their 'auto' λ is noise-sized and would make "
+            f"noise dominate every score. Leave them out of the block structure "
+            f"(e.g. freeze those parameters), or give them a float λ.",
+            NegligibleGradientWarning,
+            stacklevel=outside_stacklevel(),
+        )

@@ -17,14 +17,20 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
 from . import formula
 from .blocks import Block, BlockStructure
-from .config import RegularizationSpec, resolve_regularization, validate_regularization
+from .config import (
+    RegularizationSpec,
+    negligible_blocks,
+    resolve_regularization,
+    validate_regularization,
+)
 from .errors import EmptyDataError
+from .projection import ProjectionSpec
 from .rows import RowIndex
 from .storage import GradientStore, MemoryGradientStore
 
@@ -46,11 +52,22 @@ class FittedState:
         regularization: the resolved $\lambda_l$ per block.
         store: the per-sample training gradients.
         fingerprint: digest of the trainable weights at fit (`""` if unknown).
+        frozen_fingerprint: digest of the model's other parameters and buffers
+            at fit (`""` if unknown), see
+            [frozen_digest][pydvl_datainf.fingerprint.frozen_digest].
         rows: digests of the training rows, to recognise them in queries.
+        rows_digest: SHA-256 of the training rows' digests in the order of the
+            fit pass (`""` if unknown): identifies the columns of results.
+        projections: the projection of each block when the gradients are
+            compressed (see [Compression][pydvl_datainf.projection.Compression]);
+            `None` for the gradients themselves.
         regularization_spec: the spec $\lambda$ was resolved from.
         regularization_scale: $c$ in the `"auto"` rule.
         loss: the name of the loss used at fit (`""` if unknown).
         dtype: the dtype the operator computes in (for range checks).
+        metadata: JSON-serialisable facts recorded by the caller of `fit`
+            (e.g. the configuration of a command line run), saved with a Zarr
+            store and read back with it.
 
     Example:
         ```python
@@ -71,13 +88,17 @@ class FittedState:
     regularization: OrderedDict[str, float]
     store: GradientStore
     fingerprint: str = ""
+    frozen_fingerprint: str = ""
     rows: Optional[RowIndex] = None
+    rows_digest: str = ""
+    projections: Optional[OrderedDict[str, ProjectionSpec]] = None
     regularization_spec: OrderedDict[str, Union[float, str]] = field(
         default_factory=OrderedDict
     )
     regularization_scale: float = formula.DEFAULT_REGULARIZATION_SCALE
     loss: str = ""
     dtype: torch.dtype = torch.float32
+    metadata: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def block_names(self) -> list:
@@ -85,9 +106,22 @@ class FittedState:
         return self.blocks.names
 
     @property
+    def widths(self) -> List[int]:
+        r"""The width of each block's stored rows and factors: $k_l$ when
+        compressed, else $d_l$."""
+        if self.projections is None:
+            return list(self.blocks.sizes)
+        return [self.projections[k].k for k in self.blocks.names]
+
+    @property
     def norm_sums(self) -> OrderedDict[str, float]:
         r"""$\sum_i \lVert g_{il}\rVert^2$ per block."""
         return OrderedDict((k, float(v.sum())) for k, v in self.squared_norms.items())
+
+    def negligible_blocks(self) -> List[str]:
+        """Blocks whose gradients are at the level of rounding errors (see
+        [negligible_blocks][pydvl_datainf.config.negligible_blocks])."""
+        return negligible_blocks(self.norm_sums, self.blocks, self.dtype)
 
     def resolve(self, regularization: RegularizationSpec) -> OrderedDict[str, float]:
         r"""$\lambda_l$ per block for a spec, from this state's norms, checked."""
@@ -135,23 +169,25 @@ class FittedState:
     def as_blocks(
         self, z: Union[torch.Tensor, Mapping[str, torch.Tensor]]
     ) -> OrderedDict[str, torch.Tensor]:
-        """Factors `(m, n_parameters)` or `{block: (m, d_l)}` as checked blocks.
+        """Factors `(m, sum of widths)` or `{block: (m, width)}` as checked blocks
+        (the width of a block is $d_l$, or $k_l$ when compressed).
 
         Raises:
             ValueError: other blocks, widths or lengths.
             TypeError: neither a tensor nor a mapping.
         """
         names = self.blocks.names
+        widths = dict(zip(names, self.widths))
         if isinstance(z, Mapping):
             if list(z) != names:
                 raise ValueError(
                     f"Factor blocks {list(z)} do not match the model's blocks {names}"
                 )
-            for b in self.blocks:
-                t = z[b.name]
-                if t.ndim != 2 or t.shape[1] != b.size:
+            for k in names:
+                t = z[k]
+                if t.ndim != 2 or t.shape[1] != widths[k]:
                     raise ValueError(
-                        f"Factors of block {b.name!r} must have shape (m, {b.size}), "
+                        f"Factors of block {k!r} must have shape (m, {widths[k]}), "
                         f"got {tuple(t.shape)}"
                     )
             lengths = {len(t) for t in z.values()}
@@ -160,12 +196,15 @@ class FittedState:
             return OrderedDict((k, z[k]) for k in names)
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"Factors must be a tensor or dict, got {type(z).__name__}")
-        d = self.blocks.n_parameters
+        d = sum(widths.values())
         if z.ndim != 2 or z.shape[1] != d:
-            raise ValueError(
-                f"Factors must have shape (m, n_parameters={d}), got {tuple(z.shape)}"
+            what = (
+                "compressed widths" if self.projections is not None else "n_parameters"
             )
-        return OrderedDict(self.blocks.split(z))
+            raise ValueError(
+                f"Factors must have shape (m, {what}={d}), got {tuple(z.shape)}"
+            )
+        return OrderedDict(zip(names, torch.split(z, list(widths.values()), dim=1)))
 
     def to(self, device: Union[str, torch.device]) -> FittedState:
         """A state whose store and norms are on `device`."""

@@ -25,6 +25,8 @@ This subpackage reproduces the paper's experiments on top of the library
   and its protocol ([run_paper_protocol][pydvl_datainf.experiments.influential.run_paper_protocol]);
 * [pipelines][pydvl_datainf.experiments.pipelines]: fine-tune, then compare
   methods (used by the tutorials and the demo);
+* [lds][pydvl_datainf.experiments.lds]: the linear datamodeling score, an
+  attribution benchmark that retrains on random halves of the training set;
 * [demo][pydvl_datainf.experiments.demo]: `python -m pydvl_datainf.demo`.
 """
 

@@ -37,7 +37,7 @@ Two ways to fit it:
 
 Both give `{block: KroneckerEigenbasis}` for
 [ekfac_influences][pydvl_datainf.experiments.ekfac.ekfac_influences]. Blocks
-must be single linear layers (the library's default `"module"` blocks of a
+must be single linear layers (the library's `"module"` blocks of a
 LoRA model), each flattened as the `(out, in)` weight, row-major, then the
 bias.
 
@@ -147,7 +147,7 @@ def _linear_layers(model: nn.Module, blocks: Iterable[str]) -> Dict[str, nn.Line
         if not isinstance(module, nn.Linear):
             raise ValueError(
                 f"Block {name!r} is not a linear module of the model: EK-FAC "
-                "needs one block per nn.Linear (the default 'module' blocks)"
+                "needs one block per nn.Linear (the 'module' blocks)"
             )
         layers[name] = module
     return layers

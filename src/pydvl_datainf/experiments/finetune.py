@@ -14,17 +14,17 @@ paper) and wraps it so that it takes one packed tensor
 `loss(prediction, y)` protocol of pyDVL and of
 [DataInfInfluence][pydvl_datainf.influence.DataInfInfluence].
 [train_classifier][pydvl_datainf.experiments.finetune.train_classifier] fine-tunes the
-adapters and the new classification head with AdamW, and
-[freeze_all_but_lora][pydvl_datainf.experiments.finetune.freeze_all_but_lora] leaves only
+adapters and the new classification head with AdamW, and the library's
+[freeze_all_but_lora][pydvl_datainf.blocks.freeze_all_but_lora] leaves only
 the LoRA matrices trainable afterwards, so that influences are computed on them
 alone (as in the paper).
 
 Example:
     ```python
     import torch
+    from pydvl_datainf.blocks import freeze_all_but_lora
     from pydvl_datainf.experiments.finetune import (
-        encode, freeze_all_but_lora, load_tokenizer, lora_classifier,
-        train_classifier,
+        encode, load_tokenizer, lora_classifier, train_classifier,
     )
 
     tok = load_tokenizer()
@@ -63,8 +63,6 @@ __all__ = [
     "accuracy",
     "sort_by_length",
     "set_seed",
-    "freeze_all_but_lora",
-    "lora_parameter_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -510,70 +508,6 @@ def accuracy(
     """
     pred = predict(model, x, batch_size).argmax(1)
     return float((pred == y.to(pred.device)).float().mean())
-
-
-def lora_parameter_names(model: nn.Module) -> List[str]:
-    """Names of the LoRA matrices (`lora_A` / `lora_B`) of the model.
-
-    Example:
-        ```python
-        import torch
-        from transformers import BertConfig, BertForSequenceClassification
-        from pydvl_datainf.experiments.finetune import (
-            lora_classifier, lora_parameter_names,
-        )
-
-        tiny_bert = BertForSequenceClassification(BertConfig(
-            vocab_size=100, hidden_size=16, num_hidden_layers=1,
-            num_attention_heads=2, intermediate_size=32, num_labels=2,
-        ))
-        model = lora_classifier(num_labels=2, rank=2, base_model=tiny_bert)
-
-        names = lora_parameter_names(model)
-        assert len(names) == 4  # lora_A and lora_B of query and value, one layer
-        ```
-    """
-    return [
-        n
-        for n, _ in model.named_parameters()
-        if ".lora_A." in n or ".lora_B." in n or n.endswith(("lora_A", "lora_B"))
-    ]
-
-
-def freeze_all_but_lora(model: nn.Module) -> List[str]:
-    """Leave only the LoRA matrices trainable (e.g. after fine-tuning).
-
-    Influences are then computed on the LoRA parameters only, as in the DataInf
-    paper, and frozen parameters cost nothing.
-
-    Returns:
-        The names of the parameters left trainable.
-
-    Example:
-        ```python
-        import torch
-        from transformers import BertConfig, BertForSequenceClassification
-        from pydvl_datainf.experiments.finetune import (
-            freeze_all_but_lora, lora_classifier, lora_parameter_names,
-        )
-
-        tiny_bert = BertForSequenceClassification(BertConfig(
-            vocab_size=100, hidden_size=16, num_hidden_layers=1,
-            num_attention_heads=2, intermediate_size=32, num_labels=2,
-        ))
-        model = lora_classifier(num_labels=2, rank=2, base_model=tiny_bert)
-
-        names = freeze_all_but_lora(model)  # the new head is frozen too
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        assert names == trainable == lora_parameter_names(model)
-        ```
-    """
-    keep = set(lora_parameter_names(model))
-    if not keep:
-        raise ValueError("The model has no LoRA parameters")
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in keep)
-    return [n for n, _ in model.named_parameters() if n in keep]
 
 
 def set_seed(seed: int) -> None:

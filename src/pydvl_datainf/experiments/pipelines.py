@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pydvl_datainf.blocks import BlockSpec, build_blocks
+from pydvl_datainf.blocks import BlockSpec, build_blocks, freeze_all_but_lora
 from pydvl_datainf.config import RegularizationSpec, resolve_regularization
 from pydvl_datainf.influence import DataInfInfluence
 
@@ -63,7 +63,6 @@ from .datasets import TextDataset, encode_labels, flip_labels, load_text_dataset
 from .finetune import (
     accuracy,
     encode,
-    freeze_all_but_lora,
     load_tokenizer,
     lora_classifier,
     predict,
@@ -541,10 +540,9 @@ def lora_groups(model: nn.Module) -> OrderedDict[str, List[str]]:
         import torch
         from transformers import BertConfig, BertForSequenceClassification
         from pydvl_datainf import build_blocks
+        from pydvl_datainf.blocks import freeze_all_but_lora
         from pydvl_datainf.experiments.baselines import merge_blocks
-        from pydvl_datainf.experiments.finetune import (
-            freeze_all_but_lora, lora_classifier,
-        )
+        from pydvl_datainf.experiments.finetune import lora_classifier
         from pydvl_datainf.experiments.pipelines import lora_groups
 
         model = lora_classifier(2, rank=2, base_model=BertForSequenceClassification(

@@ -42,7 +42,13 @@ Example:
 
 from __future__ import annotations
 
-from .engine import GradientEngine, LossFn, accumulation_dtype, functional_sample_loss
+from .engine import (
+    GradientEngine,
+    LossFn,
+    accumulation_dtype,
+    check_projections,
+    functional_sample_loss,
+)
 from .func import FuncGradientEngine
 from .hooks import GradientFallbackWarning, HookedModule, HookGradientEngine, HookPlan
 from .loop import LoopGradientEngine
@@ -59,6 +65,7 @@ __all__ = [
     "LoopGradientEngine",
     "LossFn",
     "accumulation_dtype",
+    "check_projections",
     "functional_sample_loss",
     "get_engine",
     "register_engine",

@@ -18,10 +18,13 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 import torch
 from torch import nn
 
+from ..projection import ProjectedGrads, Projection, project_rows
+
 __all__ = [
     "LossFn",
     "GradientEngine",
     "accumulation_dtype",
+    "check_projections",
     "functional_sample_loss",
 ]
 
@@ -108,8 +111,72 @@ class GradientEngine(ABC):
         """
         return dict(self.per_sample_grads(model, loss, x, y, params))
 
+    def per_sample_grads_projected(
+        self,
+        model: nn.Module,
+        loss: LossFn,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        params: Mapping[str, nn.Parameter],
+        projections: Mapping[str, Projection],
+    ) -> Dict[str, ProjectedGrads]:
+        r"""Projected per-sample gradients with their exact squared norms.
+
+        Every parameter needs a projection (an `"identity"` one keeps it as
+        it is). The default projects the rows of `per_sample_grads_factored`
+        (factored rows side by side); the hook engine projects linear layers
+        with a token dimension from their per-token factors, without forming
+        any per-sample weight gradient.
+
+        Args:
+            model: the model.
+            loss: the loss, applied to each sample alone.
+            x: inputs.
+            y: targets.
+            params: the parameters to differentiate, by name.
+            projections: a projection of `p.numel()` columns per parameter.
+
+        Returns:
+            For each name in `params`, a
+            [ProjectedGrads][pydvl_datainf.projection.ProjectedGrads]: the
+            projected rows and $\lVert g_i\rVert^2$ of the unprojected ones.
+        """
+        check_projections(params, projections)
+        grads = self.per_sample_grads_factored(model, loss, x, y, params)
+        return {k: project_rows(projections[k], grads[k]) for k in params}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def check_projections(
+    params: Mapping[str, torch.Tensor], projections: Mapping[str, Projection]
+) -> None:
+    """Raises a `ValueError` unless every parameter has a projection of its size.
+
+    Example:
+        ```python
+        import torch
+        from pydvl_datainf.gradients import check_projections
+        from pydvl_datainf.projection import Projection, dense_spec
+
+        w = torch.zeros(3, 4)
+        check_projections({"w": w}, {"w": Projection(dense_spec(12, 5))})
+        ```
+    """
+    missing = [k for k in params if k not in projections]
+    if missing:
+        raise ValueError(f"no projection for the parameters {missing}")
+    wrong = {
+        k: (projections[k].dim, p.numel())
+        for k, p in params.items()
+        if projections[k].dim != p.numel()
+    }
+    if wrong:
+        raise ValueError(
+            "projections of the wrong size (projection columns, parameter size): "
+            f"{wrong}"
+        )
 
 
 def functional_sample_loss(

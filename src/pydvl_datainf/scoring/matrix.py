@@ -74,6 +74,8 @@ from ..influence import DataInfInfluence
 from ..operator import DataInfOperator
 from ..persistence import check_identity, identity
 from ..state import FittedState
+from ..storage.format import check_path
+from .checked_matrix import CheckedMatrix
 from .executors import Executor, LocalExecutor
 from .executors.dask import DaskExecutor
 from .inputs import TestData, group_test_grads, scan_test_data
@@ -82,7 +84,12 @@ from .tiles import Layout, TileOutput
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
 
-__all__ = ["MatrixResult", "influence_matrix", "DEFAULT_FACTOR_BUDGET"]
+__all__ = [
+    "MatrixResult",
+    "influence_matrix",
+    "check_sizes",
+    "DEFAULT_FACTOR_BUDGET",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +106,9 @@ class MatrixResult:
     """The output of [influence_matrix][pydvl_datainf.scoring.matrix.influence_matrix].
 
     Attributes:
-        array: the `(n_test, n_train)` Zarr array.
+        array: the `(n_test, n_train)` matrix, read through checked tiles
+            (a [CheckedMatrix][pydvl_datainf.scoring.checked_matrix.CheckedMatrix]:
+            index it like a numpy array).
         path: where the output group lives.
         n_test: number of test points (rows).
         n_train: number of training points (columns).
@@ -127,7 +136,7 @@ class MatrixResult:
         ```
     """
 
-    array: Any
+    array: CheckedMatrix
     path: str
     n_test: int
     n_train: int
@@ -149,15 +158,7 @@ class MatrixResult:
         Raises:
             StoreCorruptError: a missing or corrupt tile, named.
         """
-        out = self.output()
-        lay = out.layout
-        full = np.empty((lay.n_test, lay.n_train), dtype=lay.dtype)
-        for g in range(lay.n_groups):
-            for c in range(lay.n_chunks):
-                block = out.read(g, c)
-                r0, c0 = g * lay.test_rows, c * lay.train_rows
-                full[r0 : r0 + block.shape[0], c0 : c0 + block.shape[1]] = block
-        return torch.from_numpy(full)
+        return torch.from_numpy(CheckedMatrix(self.output())[:, :])
 
     def verify(self) -> None:
         """Read every tile and check its checksum.
@@ -188,6 +189,21 @@ def _out_dtype(dtype: Union[None, str, np.dtype, torch.dtype, type]) -> Optional
     return name
 
 
+def check_sizes(**sizes: Optional[int]) -> None:
+    """Refuse sizes that are not positive integers (`None` means the default).
+
+    Example:
+        >>> check_sizes(batch_size=256, test_rows=None)
+    """
+    for name, value in sizes.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be a positive integer, got {value!r}")
+        if value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
 def default_test_rows(
     n_test: int, row_bytes: int, budget: Union[None, int, str]
 ) -> int:
@@ -207,7 +223,7 @@ def _store_path(state: FittedState) -> str:
 def _result(out: TileOutput, computed: int, skipped: int, groups: int) -> MatrixResult:
     lay = out.layout
     return MatrixResult(
-        array=out.array,
+        array=CheckedMatrix(out.reopen("r") if out.writable else out),
         path=out.path,
         n_test=lay.n_test,
         n_train=lay.n_train,
@@ -307,15 +323,16 @@ def influence_matrix(
         raise ValueError("Pass resume=True or overwrite=True, not both")
     if verify and not resume:
         raise ValueError("verify=True checks a resumed matrix: pass resume=True")
-    state = influence.state
-    path = os.fspath(path)
+    check_sizes(batch_size=batch_size, test_rows=test_rows, train_rows=train_rows)
+    path = check_path(path)
+    state = influence.verified_state()
     out_dtype = _out_dtype(dtype)
     scan = scan_test_data(test_data, batch_size)
     if scan.n == 0:
         raise ValueError("The test data are empty")
     acc = state.dtype
     item = torch.empty(0, dtype=acc).element_size()
-    row_bytes = int(sum(state.blocks.sizes)) * item
+    row_bytes = int(sum(state.widths)) * item
     chunk_default = DataInfOperator(state).chunk_rows
     want = identity(state, n_test=scan.n, test_digest=scan.digest)
 
@@ -350,7 +367,7 @@ def influence_matrix(
                 test_rows or default_test_rows(scan.n, row_bytes, factor_budget)
             ),
             train_rows=int(train_rows or chunk_default),
-            block_sizes=tuple(int(d) for d in state.blocks.sizes),
+            block_sizes=tuple(int(d) for d in state.widths),
             dtype=out_dtype or "float32",
             factor_dtype=str(acc).replace("torch.", ""),
         )

@@ -7,15 +7,21 @@ An output is a Zarr group that carries the format marker of kind
 <path>/              attrs: format, format_version, identity, layout, run_id,
                             complete, manifest
 <path>/matrix        (n_test, n_train), chunks (test_rows, train_rows)
-<path>/done          (n_groups, n_chunks) uint8, one chunk per tile
+<path>/done          (n_groups, n_chunks) int64, one chunk per tile
 <path>/factors/<i>   (n_test, d_i), the test factors of block i
-<path>/factors_done  (n_groups,) uint8
+<path>/factors_done  (n_groups,) int64
 ```
 
 Every chunk carries a CRC-32C checksum. A tile (one chunk of `matrix`) is
 written whole, then marked in `done`; a factor group likewise in
-`factors_done`. When every tile is done the manifest of the arrays is
-written, and `complete` is set last.
+`factors_done`. A mark is not a flag: it is a digest of the run's id, the
+tile's place and the CRC-32C of its values, so a tile read back is accepted
+only if it is the tile this run wrote at that place (tiles or marks swapped,
+copied, or left by another run are refused). When every tile is done the
+manifest of the arrays is written, and `complete` is set last. Every write
+first checks that the output at the path is still this run's (its `run_id`):
+a run whose output was replaced by another stops with
+[StoreReplacedError][pydvl_datainf.errors.StoreReplacedError].
 
 [TileOutput][pydvl_datainf.scoring.tiles.TileOutput] creates such an output
 atomically (a local output is built under a temporary name and renamed into
@@ -30,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -38,11 +43,18 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import StoreCorruptError, StoreExistsError, StoreMismatchError
+from ..errors import (
+    StoreCorruptError,
+    StoreExistsError,
+    StoreMismatchError,
+    StoreReplacedError,
+)
+from ..storage.digests import chunk_digest, place_mark
 from ..storage.format import (
     INFLUENCE_MATRIX,
     PathState,
     RawChunkWriter,
+    check_path,
     claim_path,
     create_checked_array,
     inspect_path,
@@ -63,14 +75,17 @@ __all__ = [
     "TileOutput",
     "done_mask",
     "mark_done",
+    "read_marks",
+    "check_range",
 ]
 
 logger = logging.getLogger(__name__)
 
 Blockwise = Dict[str, torch.Tensor]
 
-FORMAT_VERSION = 2
-"""Version of the influence-matrix layout (2: checksummed chunks, manifest)."""
+FORMAT_VERSION = 3
+"""Version of the influence-matrix layout (3: checksummed chunks, marks bound to
+the run, the place and the values of each tile and factor group)."""
 
 RECOVER = (
     "Run influence_matrix(..., resume=True, verify=True) with the same model and "
@@ -142,27 +157,59 @@ class Layout:
         )
 
 
-def mark_done(done: Any, index: Tuple[int, ...]) -> None:
-    """Record that the chunk at `index` is complete (after its data are written)."""
-    done[index] = 1
+def mark_done(done: Any, index: Tuple[int, ...], mark: int) -> None:
+    """Write the mark of the tile or factor group at `index` (after its data)."""
+    done[index] = mark
 
 
 def done_mask(done: Any) -> np.ndarray:
-    """Which entries of a `done` array are marked.
+    """Which entries of a `done` array are marked (nonzero).
 
     An unreadable mark (a write torn by a crash, a failed checksum) counts as
     not done: its tile or factor group is computed again.
     """
+    return read_marks(done) != 0
+
+
+def read_marks(done: Any) -> np.ndarray:
+    """The marks of a `done` array; `0` where a mark is missing or unreadable."""
     try:
-        return np.asarray(done[...]) == 1
+        return np.asarray(done[...], dtype=np.int64)
     except Exception:  # read the marks one by one
-        out = np.zeros(done.shape, dtype=bool)
+        out = np.zeros(done.shape, dtype=np.int64)
         for index in np.ndindex(*done.shape):
             try:
-                out[index] = int(done[index]) == 1
+                out[index] = int(done[index])
             except Exception:
-                out[index] = False
+                out[index] = 0
         return out
+
+
+def check_range(values: np.ndarray, dtype: Any, what: str) -> np.ndarray:
+    """`values` cast to `dtype`, refusing values that overflow it.
+
+    Raises:
+        OverflowError: a finite value that `dtype` cannot hold, naming the
+            largest value, the dtype and the way out.
+
+    Example:
+        >>> import numpy as np
+        >>> check_range(np.array([1.0, 70000.0]), "float32", "x").dtype
+        dtype('float32')
+    """
+    dtype = np.dtype(dtype)
+    out = values.astype(dtype, copy=False)
+    if dtype.kind == "f" and out.dtype.itemsize < values.dtype.itemsize:
+        bad = np.isfinite(values) & ~np.isfinite(out)
+        if bad.any():
+            biggest = float(np.abs(values[np.isfinite(values)]).max())
+            raise OverflowError(
+                f"The {what} holds values up to {biggest:.4g}, which overflow its "
+                f"dtype {dtype.name} (largest finite value "
+                f"{float(np.finfo(dtype).max):.6g}). Start it again with "
+                f"overwrite=True and dtype='float32' (or 'float64')."
+            )
+    return out
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -170,10 +217,6 @@ def _same_path(a: str, b: str) -> bool:
         return a.rstrip("/") == b.rstrip("/")
     ra, rb = os.path.realpath(a), os.path.realpath(b)
     return ra == rb or ra.startswith(rb + os.sep) or rb.startswith(ra + os.sep)
-
-
-def _local(path: str) -> str:
-    return path[len("file://") :] if path.startswith("file://") else path
 
 
 class TileOutput:
@@ -213,6 +256,7 @@ class TileOutput:
         self.storage_options = dict(storage_options or {})
         self.writable = writable
         self.layout = Layout.from_attrs(group.attrs)
+        self.run_id = str(group.attrs["run_id"])
         self._tile_writer: Optional[Tuple[Any, Optional[RawChunkWriter]]] = None
 
     # ------------------------------------------------------------ create/open
@@ -244,6 +288,7 @@ class TileOutput:
                 not ours (a user's directory, a gradient store); another
                 process created it at the same time; `path` is protected.
         """
+        check_path(path)
         for p in protected:
             if p and _same_path(path, p):
                 raise StoreExistsError(
@@ -258,56 +303,17 @@ class TileOutput:
             **layout.attrs(),
             **dict(attributes),
         }
-        hint = "Pass resume=True to finish it or overwrite=True to start again."
-        if is_url(path):
-            group = claim_path(
-                path,
-                INFLUENCE_MATRIX,
-                overwrite=overwrite,
-                storage_options=storage_options,
-                attributes=attrs,
-                exists_hint=hint,
-            )
-            cls._create_arrays(group, layout)
-            return cls(group, path, storage_options, writable=True)
-        local = _local(path)
-        status = inspect_path(local, None, INFLUENCE_MATRIX)
-        if not status.is_free:
-            if status.state != PathState.OWNED:
-                claim_path(local, INFLUENCE_MATRIX)  # raises the refusal
-            if not overwrite:
-                raise StoreExistsError(
-                    f"A pydvl-datainf influence matrix already exists at {path!r}. "
-                    f"{hint}"
-                )
-        parent = os.path.dirname(os.path.abspath(local)) or "."
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(
-            parent, f".{os.path.basename(local)}.{uuid.uuid4().hex[:12]}.tmp"
+        claim_path(
+            path,
+            INFLUENCE_MATRIX,
+            overwrite=overwrite,
+            storage_options=storage_options,
+            attributes=attrs,
+            exists_hint="Pass resume=True to finish it or overwrite=True to start "
+            "again.",
+            prepare=lambda group: cls._create_arrays(group, layout),
         )
-        try:
-            group = claim_path(tmp, INFLUENCE_MATRIX, attributes=attrs)
-            cls._create_arrays(group, layout)
-            if status.state == PathState.OWNED:
-                trash = tmp + ".old"
-                os.rename(local, trash)  # atomic; a concurrent resumer fails now
-                try:
-                    os.rename(tmp, local)
-                finally:
-                    if os.path.exists(trash):
-                        remove_owned(trash, INFLUENCE_MATRIX)
-            else:
-                try:
-                    os.rename(tmp, local)
-                except OSError as e:
-                    raise StoreExistsError(
-                        f"Another process created an output at {path!r} at the same "
-                        f"time. Pass resume=True to join or finish it."
-                    ) from e
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
-        return cls.open(path, mode="r+")
+        return cls.open(path, "r+", storage_options, run_id=attrs["run_id"])
 
     @staticmethod
     def _create_arrays(group: Any, layout: Layout) -> None:
@@ -323,14 +329,14 @@ class TileOutput:
             "done",
             shape=(layout.n_groups, layout.n_chunks),
             chunks=(1, 1),
-            dtype="uint8",
+            dtype="int64",
         )
         create_checked_array(
             group,
             "factors_done",
             shape=(layout.n_groups,),
             chunks=(1,),
-            dtype="uint8",
+            dtype="int64",
         )
         for i, d in enumerate(layout.block_sizes):
             create_checked_array(
@@ -347,13 +353,22 @@ class TileOutput:
         path: str,
         mode: str = "r",
         storage_options: Optional[Mapping[str, Any]] = None,
+        run_id: Optional[str] = None,
     ) -> TileOutput:
         """Open an existing output (`mode` `"r"` or `"r+"`).
+
+        Args:
+            path: local path or fsspec URL.
+            mode: `"r"` or `"r+"`.
+            storage_options: fsspec options for URLs.
+            run_id: the run the output must belong to (e.g. on a Dask worker).
 
         Raises:
             FileNotFoundError: nothing at `path`.
             StoreMismatchError: something that is not an influence matrix, or
                 one of an older layout.
+            StoreReplacedError: the output at `path` belongs to another run
+                than `run_id`.
         """
         status = inspect_path(path, storage_options, INFLUENCE_MATRIX)
         if status.is_free:
@@ -376,22 +391,45 @@ class TileOutput:
                 f"again with overwrite=True."
             )
         group = open_zarr_group(path, mode, storage_options)  # type: ignore[arg-type]
-        return cls(group, path, storage_options, writable=mode != "r")
+        out = cls(group, path, storage_options, writable=mode != "r")
+        if run_id is not None and out.run_id != run_id:
+            raise out._replaced(run_id, out.run_id, "opening")
+        return out
 
     def reopen(self, mode: str) -> TileOutput:
-        """The same output opened in another mode."""
-        return TileOutput.open(self.path, mode, self.storage_options)
+        """The same output opened in another mode (the same run)."""
+        return TileOutput.open(self.path, mode, self.storage_options, self.run_id)
+
+    def _replaced(
+        self, ours: str, now: Optional[str], doing: str
+    ) -> StoreReplacedError:
+        found = "nothing" if now is None else f"run {now[:12]}"
+        return StoreReplacedError(
+            f"The influence matrix at {self.path!r} was replaced while {doing} it: "
+            f"it belonged to run {ours[:12]}, and {found} is there now (another "
+            f"call started it again with overwrite=True). This run stops; nothing "
+            f"of it is written into the other run's output. Run it again."
+        )
+
+    def disk_run_id(self) -> Optional[str]:
+        """The run id of the output now at this path (`None` if there is none)."""
+        status = inspect_path(self.path, self.storage_options, INFLUENCE_MATRIX)
+        if status.state != PathState.OWNED:
+            return None
+        return str(status.attrs.get("run_id", ""))
+
+    def check_run(self, doing: str = "writing") -> None:
+        """Raise [StoreReplacedError][pydvl_datainf.errors.StoreReplacedError]
+        unless the output at this path is still this run's."""
+        now = self.disk_run_id()
+        if now != self.run_id:
+            raise self._replaced(self.run_id, now, doing)
 
     # ------------------------------------------------------------ state
     @property
     def attrs(self) -> Dict[str, Any]:
         """The group's attributes (a copy)."""
         return dict(self.group.attrs)
-
-    @property
-    def run_id(self) -> str:
-        """A random id of this output (changes when it is started again)."""
-        return str(self.group.attrs["run_id"])
 
     @property
     def is_complete(self) -> bool:
@@ -434,60 +472,109 @@ class TileOutput:
 
     def write_factors(self, g: int, factors: Mapping[str, torch.Tensor]) -> None:
         """Write the factors of group `g` (blocks in order), then mark them."""
+        self.check_run()
         lo, hi = self.group_rows(g)
+        crcs = []
         for i, f in enumerate(factors.values()):
-            self.group[f"factors/{i}"][lo:hi] = f.detach().cpu().numpy()
-        mark_done(self.group["factors_done"], (g,))
+            arr = self.group[f"factors/{i}"]
+            data = check_range(f.detach().cpu().numpy(), arr.dtype, "factor array")
+            arr[lo:hi] = data
+            crcs.append(chunk_digest(data))
+        mark_done(
+            self.group["factors_done"],
+            (g,),
+            place_mark(self.run_id, "factors", (g,), crcs),
+        )
 
     def read_factors(self, g: int, names: Sequence[str]) -> Blockwise:
-        """The stored factors of group `g`, checked, as `{block: (rows, d_l)}`."""
+        """The stored factors of group `g`, checked, as `{block: (rows, d_l)}`.
+
+        Raises:
+            StoreCorruptError: a missing, corrupt or misplaced chunk, or no
+                mark of this run for the group.
+        """
         lo, hi = self.group_rows(g)
-        out = {}
+        out, crcs = {}, []
         for i, k in enumerate(names):
             arr = self.group[f"factors/{i}"]
-            data = read_checked(
-                arr,
-                f"factors/{i}",
-                self.path,
-                (slice(lo, hi),),
-                what=_WHAT,
-                recover=RECOVER,
+            data = np.asarray(
+                read_checked(
+                    arr,
+                    f"factors/{i}",
+                    self.path,
+                    (slice(lo, hi),),
+                    what=_WHAT,
+                    recover=RECOVER,
+                )
             )
-            out[k] = torch.from_numpy(np.asarray(data))
+            crcs.append(chunk_digest(data))
+            out[k] = torch.from_numpy(data)
+        mark = int(read_marks(self.group["factors_done"])[g])
+        if mark != place_mark(self.run_id, "factors", (g,), crcs):
+            self._raise_misplaced("factors", (g,), mark)
         return out
+
+    def _raise_misplaced(self, name: str, index: Tuple[int, ...], mark: int) -> None:
+        now = self.disk_run_id()
+        if now != self.run_id:
+            raise self._replaced(self.run_id, now, "reading")
+        problem = (
+            "is not marked as written"
+            if mark == 0
+            else "is not what this run wrote at this place (moved, swapped, or "
+            "left by another run)"
+        )
+        raise StoreCorruptError(
+            f"The influence matrix at {self.path!r} is damaged: array {name!r}, "
+            f"chunk {tuple(index)} {problem}. {RECOVER}"
+        )
 
     # ------------------------------------------------------------ tiles
     def write_tile(self, g: int, c: int, tile: torch.Tensor) -> None:
         """Write tile `(g, c)` (one Zarr chunk) whole, then mark it done.
 
         A whole tile of a local, uncompressed output is written straight from
-        its memory ([RawChunkWriter][pydvl_datainf.storage.integrity.RawChunkWriter]);
+        its memory ([RawChunkWriter][pydvl_datainf.storage.rawio.RawChunkWriter]);
         others (edge tiles, compressed or remote outputs) through Zarr.
+
+        Raises:
+            StoreReplacedError: the output at this path is another run's now.
+            OverflowError: the tile has values that the matrix's dtype cannot
+                hold (e.g. above 65504 in float16).
         """
+        self.check_run()
         lay = self.layout
         if self._tile_writer is None:
             arr = self.group["matrix"]
             self._tile_writer = (arr, RawChunkWriter.for_array(arr))
         arr, raw = self._tile_writer
-        data = tile.detach().cpu().numpy()
-        if data.dtype != arr.dtype:
-            data = data.astype(arr.dtype)
+        data = check_range(tile.detach().cpu().numpy(), arr.dtype, "influence matrix")
         if raw is not None and data.shape == raw.chunk_shape:
             raw.write((g, c), data)
         else:
             r0, c0 = g * lay.test_rows, c * lay.train_rows
             arr[r0 : r0 + data.shape[0], c0 : c0 + data.shape[1]] = data
-        mark_done(self.group["done"], (g, c))
+        mark_done(
+            self.group["done"],
+            (g, c),
+            place_mark(self.run_id, "matrix", (g, c), [chunk_digest(data)]),
+        )
 
-    def read(self, g: int, c: int) -> np.ndarray:
-        """Tile `(g, c)`, refusing a missing or corrupt chunk.
+    def read(self, g: int, c: int, marks: Optional[np.ndarray] = None) -> np.ndarray:
+        """Tile `(g, c)`, refusing a missing, corrupt or misplaced chunk.
+
+        Args:
+            g: the tile's row of tiles (factor group).
+            c: the tile's column of tiles (training chunk).
+            marks: the output's marks if already read (`read_marks(done)`).
 
         Raises:
             StoreCorruptError: naming the array and chunk, and how to recover.
+            StoreReplacedError: another run's output is at this path now.
         """
         lay = self.layout
         r0, c0 = g * lay.test_rows, c * lay.train_rows
-        return np.asarray(
+        data = np.asarray(
             read_checked(
                 self.group["matrix"],
                 "matrix",
@@ -500,6 +587,13 @@ class TileOutput:
                 recover=RECOVER,
             )
         )
+        if marks is None:
+            mark = int(read_marks(self.group["done"])[g, c])
+        else:
+            mark = int(marks[g, c])
+        if mark != place_mark(self.run_id, "matrix", (g, c), [chunk_digest(data)]):
+            self._raise_misplaced("matrix", (g, c), mark)
+        return data
 
     # ------------------------------------------------------------ integrity
     def _arrays(self) -> List[str]:
@@ -529,6 +623,9 @@ class TileOutput:
                 what=_WHAT,
                 recover=RECOVER,
             )
+        missing = [t for t in self.pending_tiles()]
+        if missing:
+            self._raise_misplaced("matrix", missing[0], 0)
         self.damaged_tiles(full=False, raise_first=True)
         if self.group["matrix"].shape != (lay.n_test, lay.n_train):
             raise StoreCorruptError(f"The matrix at {self.path!r} has another shape")
@@ -543,20 +640,22 @@ class TileOutput:
             raise_first: raise on the first damaged tile instead of listing.
         """
         arr = self.group["matrix"]
-        done = self.tiles_done()
-        marked = [tuple(int(i) for i in t) for t in np.argwhere(done)]
+        marks = read_marks(self.group["done"])
+        marked = [tuple(int(i) for i in t) for t in np.argwhere(marks != 0)]
         bad = set(missing_chunks(arr, marked))
         if full:
             for g, c in marked:
                 if (g, c) in bad:
                     continue
                 try:
-                    self.read(g, c)
+                    self.read(g, c, marks)
+                except StoreReplacedError:
+                    raise
                 except StoreCorruptError:
                     bad.add((g, c))
         if bad and raise_first:
             g, c = min(bad)
-            self.read(g, c)  # raises, naming the chunk
+            self.read(g, c, marks)  # raises, naming the chunk
         return sorted(bad)  # type: ignore[arg-type]
 
     def damaged_factor_groups(self, names: Sequence[str]) -> List[int]:
@@ -566,6 +665,8 @@ class TileOutput:
         for g in np.flatnonzero(done):
             try:
                 self.read_factors(int(g), names)
+            except StoreReplacedError:
+                raise
             except StoreCorruptError:
                 bad.append(int(g))
         return bad

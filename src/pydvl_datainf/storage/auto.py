@@ -104,9 +104,12 @@ class AutoGradientStore(GradientStore):
     def note_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self._inner.note_batch(x, y)
 
-    def finalize(self) -> None:
-        self._inner.finalize()
-        super().finalize()
+    def finalize(self, publish: bool = True) -> None:
+        self._inner.finalize(publish)
+        super().finalize(publish)
+
+    def publish(self) -> None:
+        self._inner.publish()
 
     def save_fit_state(self, state: FitState) -> None:
         self._inner.save_fit_state(state)

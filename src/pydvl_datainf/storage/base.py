@@ -105,6 +105,11 @@ class FitState:
         weights_digest: SHA-256 of the trainable weights at fit.
         block_structure: `{block: [parameter names]}`.
         block_shapes: `{block: [parameter shapes]}`.
+        frozen_digest: digest of every other parameter and buffer of the
+            model (the frozen base of a LoRA model), see
+            [frozen_digest][pydvl_datainf.fingerprint.frozen_digest].
+        rows_digest: SHA-256 of the training rows' digests, in the order of
+            the fit pass.
         extra: more JSON-serialisable facts about the fit (for example the
             loss), saved and loaded as they are.
 
@@ -131,6 +136,8 @@ class FitState:
     weights_digest: str
     block_structure: Dict[str, List[str]]
     block_shapes: Dict[str, List[List[int]]] = field(default_factory=dict)
+    frozen_digest: str = ""
+    rows_digest: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -182,9 +189,19 @@ class GradientStore(ABC):
         """Called by `fit` with the inputs of each batch before its `append`."""
         return None
 
-    def finalize(self) -> None:
-        """Mark the store complete; no more appends."""
+    def finalize(self, publish: bool = True) -> None:
+        """Mark the store complete; no more appends.
+
+        Args:
+            publish: also [publish][pydvl_datainf.storage.base.GradientStore.publish]
+                it (`fit` publishes after saving its state).
+        """
         self._finalized = True
+
+    def publish(self) -> None:
+        """Make a finished store visible at its path (a no-op for stores that
+        are not built aside)."""
+        return None
 
     def save_fit_state(self, state: FitState) -> None:
         """Persist what `fit` learned (no-op except for on-disk stores)."""

@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from typing import (
     Any,
+    Callable,
     Dict,
     Literal,
     Mapping,
@@ -47,18 +50,19 @@ from typing import (
 
 from ..errors import StoreExistsError
 from .integrity import (  # re-exported: one import for every Zarr helper
-    RawChunkReader,
-    RawChunkWriter,
     checksum_codecs,
     chunk_exists,
     create_checked_array,
+    load_digests,
     missing_chunks,
     open_checked_array,
     read_checked,
     read_manifest,
     verify_array,
+    write_checked_array,
     write_manifest,
 )
+from .rawio import RawChunkReader, RawChunkWriter
 
 __all__ = [
     "GRADIENT_STORE",
@@ -73,10 +77,15 @@ __all__ = [
     "inspect_path",
     "zarr_group_exists",
     "claim_path",
+    "staging_path",
+    "publish_path",
+    "check_path",
     "check_claimable",
     "remove_owned",
     "checksum_codecs",
     "create_checked_array",
+    "write_checked_array",
+    "load_digests",
     "write_manifest",
     "read_manifest",
     "open_checked_array",
@@ -179,10 +188,13 @@ def _listing(path: str, storage_options: Optional[Mapping[str, Any]]) -> PathSta
         if fs.isdir(root) and not fs.ls(root, detail=False):
             return PathState.EMPTY
         return PathState.FOREIGN
-    if not os.path.lexists(path):
+    try:
+        if not os.path.lexists(path):
+            return PathState.ABSENT
+        if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+            return PathState.EMPTY
+    except FileNotFoundError:  # removed or renamed while we looked
         return PathState.ABSENT
-    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
-        return PathState.EMPTY
     return PathState.FOREIGN
 
 
@@ -230,7 +242,8 @@ def inspect_path(
     try:
         group = open_zarr_group(p, "r", storage_options)
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-        return PathStatus(PathState.FOREIGN)  # files, but no group
+        # files but no group, or the path went away while we looked
+        return PathStatus(_listing(p, storage_options))
     except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError):
         return PathStatus(PathState.FOREIGN)  # an array, not a group
     attrs = dict(group.attrs)
@@ -351,20 +364,30 @@ def claim_path(
     storage_options: Optional[Mapping[str, Any]] = None,
     attributes: Optional[Mapping[str, Any]] = None,
     exists_hint: str = "Pass overwrite=True to replace it.",
+    prepare: Optional[Callable[[Any], None]] = None,
 ) -> Any:
-    """Create a new, empty output group of `kind` at `path`, safely.
+    """Create a new output group of `kind` at `path`, safely and atomically.
 
-    - Nothing there (or an empty directory): the group is created, failing
-      with [StoreExistsError][pydvl_datainf.errors.StoreExistsError] if
-      another process creates one at the same time.
+    - Nothing there (or an empty directory): the group is created.
     - Our group of the same kind: replaced if `overwrite`, else
-      `StoreExistsError` (with `exists_hint`).
+      [StoreExistsError][pydvl_datainf.errors.StoreExistsError] (with
+      `exists_hint`).
     - Anything else: `StoreExistsError`, whatever `overwrite`; nothing is
       deleted.
 
-    The group is created with its format marker (`format`,
-    `format_version` 0 until the caller sets it, `library_version`) and
-    `attributes` in one write, so it is recognisable as ours from the start.
+    On a local file system the new group is built under a temporary name
+    beside `path` (its attributes, and whatever `prepare` creates in it) and
+    renamed into place, which the operating system does atomically: of two
+    processes that claim one path at the same moment, exactly one succeeds
+    and the other gets `StoreExistsError`, and no reader ever sees a half-made
+    group. Replacing our own output moves the old one aside first, and removes
+    it only once the new one is in place. On object stores (fsspec URLs),
+    which cannot rename atomically, the group is created in place; writers
+    then check the output's id before they write (see the Guarantees page).
+
+    The group carries its format marker (`format`, `format_version` 0 until
+    the caller sets it, `library_version`) and `attributes` from the start,
+    so it is recognisable as ours.
 
     Args:
         path: a local path, `file://` path or fsspec URL.
@@ -375,9 +398,16 @@ def claim_path(
         attributes: more attributes of the new group.
         exists_hint: how to proceed when an output exists and `overwrite` is
             false (appended to the error message).
+        prepare: called with the new group before it is published (e.g. to
+            create its arrays).
 
     Returns:
         The new `zarr.Group`, open for writing.
+
+    Raises:
+        StoreExistsError: as above, or another process claimed the path at
+            the same time.
+        ValueError: an empty path.
 
     Example:
         ```python
@@ -395,7 +425,7 @@ def claim_path(
             raise AssertionError("an output of another kind was replaced")
         ```
     """
-    p = _local(os.fspath(path))
+    p = _local(check_path(path))
     status = check_claimable(
         p,
         kind,
@@ -409,10 +439,97 @@ def claim_path(
         "library_version": library_version(),
         **dict(attributes or {}),
     }
+    if is_url(p):
+        if status.is_free:
+            group = open_zarr_group(p, "w-", storage_options, attributes=attrs)
+        else:
+            logger.info("Replacing the %s at %s", kind.replace("_", " "), p)
+            group = open_zarr_group(
+                p, "w", storage_options, kind=kind, attributes=attrs
+            )
+        if prepare is not None:
+            prepare(group)
+        return group
+    tmp = staging_path(p)
+    try:
+        group = open_zarr_group(tmp, "w-", None, attributes=attrs)
+        if prepare is not None:
+            prepare(group)
+        publish_path(tmp, p, kind, overwrite=overwrite)
+    finally:
+        if os.path.lexists(tmp):  # only what this call created
+            shutil.rmtree(tmp)
+    return open_zarr_group(p, "r+")
+
+
+def staging_path(path: str) -> str:
+    """A new, unused path beside local `path`, where an output is built before
+    [publish_path][pydvl_datainf.storage.format.publish_path] renames it into
+    place (the parent directory is created if needed)."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    name = f".{os.path.basename(os.path.abspath(path))}.{uuid.uuid4().hex[:12]}.tmp"
+    return os.path.join(parent, name)
+
+
+def publish_path(tmp: str, path: str, kind: str, *, overwrite: bool) -> None:
+    """Rename the output of `kind` built at local `tmp` to `path`, atomically.
+
+    Nothing at `path` (or an empty directory): one rename, which fails if
+    another process put something there meanwhile. Our output of `kind` at
+    `path` with `overwrite`: it is moved aside, the new one renamed into
+    place, and only then the old one removed.
+
+    Raises:
+        StoreExistsError: `path` holds an output and not `overwrite`, holds
+            something that is not ours, or another process created or replaced
+            it at the same time (nothing of theirs is touched then).
+    """
+    raced = StoreExistsError(
+        f"Another process created or replaced an output at {path!r} at the same "
+        f"time; this one was not written there. Choose another path, or run "
+        f"again to resume or replace it."
+    )
+    status = check_claimable(path, kind, overwrite=overwrite)
     if status.is_free:
-        return open_zarr_group(p, "w-", storage_options, attributes=attrs)
-    logger.info("Replacing the %s at %s", kind.replace("_", " "), p)
-    return open_zarr_group(p, "w", storage_options, kind=kind, attributes=attrs)
+        try:
+            os.rename(tmp, path)  # fails if path is (now) a non-empty directory
+        except OSError as e:
+            raise raced from e
+        return
+    logger.info("Replacing the %s at %s", kind.replace("_", " "), path)
+    trash = tmp + ".old"
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError as e:  # someone moved it meanwhile
+        raise raced from e
+    if inspect_path(trash, None, kind).state != PathState.OWNED:
+        os.rename(trash, path)  # not what was checked: put it back untouched
+        raise raced
+    try:
+        os.rename(tmp, path)
+    except OSError as e:
+        try:
+            os.rename(trash, path)  # put the old one back
+        except OSError:
+            logger.warning("The replaced %s was kept at %s", kind, trash)
+        raise raced from e
+    remove_owned(trash, kind)
+
+
+def check_path(path: PathLike) -> str:
+    """`path` as a string, refusing an empty one with a clear error.
+
+    Example:
+        >>> check_path("grads.zarr")
+        'grads.zarr'
+    """
+    p = os.fspath(path)
+    if not isinstance(p, str) or not p.strip():
+        raise ValueError(
+            f"The output path is empty ({p!r}); give a file path or an fsspec URL."
+        )
+    return p
 
 
 def check_claimable(
@@ -449,7 +566,7 @@ def check_claimable(
         ```
     """
     _check_kind(kind)
-    p = _local(os.fspath(path))
+    p = _local(check_path(path))
     status = inspect_path(p, storage_options, kind)
     if status.is_free:
         return status
@@ -501,7 +618,5 @@ def remove_owned(
         fs, root = url_to_fs(p, **dict(storage_options or {}))
         fs.rm(root, recursive=True)
     else:
-        import shutil
-
         shutil.rmtree(p)
     return True

@@ -12,13 +12,15 @@ chunks read exist (Zarr would return the fill value for a missing chunk) and
 turns a checksum failure into
 [StoreCorruptError][pydvl_datainf.errors.StoreCorruptError] naming the array
 and the chunk; [verify_array][pydvl_datainf.storage.integrity.verify_array]
-reads every chunk. On a local disk, uncompressed chunks can also be read
-straight from their files into buffers that the caller reuses
-([RawChunkReader][pydvl_datainf.storage.integrity.RawChunkReader]), with the
-same checks: no fresh memory per chunk, and no copy after the read; and
-whole chunks written from the caller's memory
-([RawChunkWriter][pydvl_datainf.storage.integrity.RawChunkWriter]) in the
-same format, without the copies of Zarr's encoding.
+reads every chunk.
+
+A checksum proves a chunk's bytes, not its place. So the manifest also binds
+every chunk to its position: when a table of chunk digests
+([DigestTable][pydvl_datainf.storage.digests.DigestTable]) is given for an
+array, `write_manifest` saves it beside the array and records its SHA-256, and
+[load_digests][pydvl_datainf.storage.integrity.load_digests] reads it back,
+checked. Whole-chunk reads that use it are in
+[chunks][pydvl_datainf.storage.chunks].
 
 Example:
     ```python
@@ -42,8 +44,6 @@ Example:
 from __future__ import annotations
 
 import itertools
-import os
-import sys
 from typing import (
     Any,
     Callable,
@@ -60,20 +60,25 @@ from typing import (
 import numpy as np
 
 from ..errors import StoreCorruptError
+from .digests import DIGESTS_GROUP, DigestTable
 
 __all__ = [
     "DEFAULT_RECOVER",
+    "MISPLACED",
     "checksum_codecs",
     "create_checked_array",
+    "write_checked_array",
     "write_manifest",
+    "save_digests",
     "read_manifest",
     "open_checked_array",
+    "load_digests",
+    "chunk_key",
     "chunk_exists",
     "missing_chunks",
+    "corrupt_error",
     "read_checked",
     "verify_array",
-    "RawChunkReader",
-    "RawChunkWriter",
 ]
 
 Coords = Tuple[int, ...]
@@ -82,6 +87,12 @@ DEFAULT_RECOVER = (
     "Recreate it: fit again with overwrite=True (or delete the store and fit again)."
 )
 """How to recover, said by default in errors about a damaged output."""
+
+MISPLACED = (
+    "is not the chunk written at this place (moved, swapped or copied from "
+    "another place)"
+)
+"""What an error says of a chunk whose digest is not the one recorded for its place."""
 
 
 def checksum_codecs(compressors: Any = None) -> List[Any]:
@@ -147,32 +158,145 @@ def create_checked_array(
     )
 
 
-def write_manifest(group: Any, names: Iterable[str]) -> None:
-    """Record arrays `names` of `group` as finished: their shapes and chunks.
-
-    Call it after their data is written (and before marking the output
-    complete); entries already there are kept.
+def write_checked_array(
+    group: Any,
+    name: str,
+    values: np.ndarray,
+    chunks: Sequence[int],
+) -> DigestTable:
+    """Create array `name` holding `values`, checksummed, and return the digest
+    table of its chunks (to pass to
+    [write_manifest][pydvl_datainf.storage.integrity.write_manifest]).
 
     Example:
         ```python
         import numpy as np
         import zarr
+        from pydvl_datainf.storage.integrity import write_checked_array, write_manifest
+
+        group = zarr.open_group("g.zarr", mode="w")
+        table = write_checked_array(group, "norms", np.arange(5.0), chunks=(2,))
+        write_manifest(group, ["norms"], {"norms": table})
+        assert table.grid == (3,) and not table.missing()
+        ```
+    """
+    values = np.ascontiguousarray(values)
+    arr = create_checked_array(
+        group, name, shape=values.shape, chunks=chunks, dtype=values.dtype
+    )
+    arr[...] = values
+    table = DigestTable.for_shape(values.shape, arr.chunks)
+    table.record_region((0,) * values.ndim, values, arr.chunks)
+    return table
+
+
+def write_manifest(
+    group: Any,
+    names: Iterable[str],
+    digests: Optional[Mapping[str, DigestTable]] = None,
+) -> None:
+    """Record arrays `names` of `group` as finished: their shapes and chunks.
+
+    Call it after their data is written (and before marking the output
+    complete); entries already there are kept. An array with a table in
+    `digests` has it saved beside it (`digests/<name>`), and the table's
+    SHA-256 recorded in its entry: its chunks are then bound to their places.
+
+    Example:
+        ```python
+        import numpy as np
+        import zarr
+        from pydvl_datainf.storage.digests import DigestTable
         from pydvl_datainf.storage.integrity import create_checked_array, write_manifest
 
         group = zarr.open_group("scores.zarr", mode="w")
         arr = create_checked_array(group, "matrix", shape=(4, 6), chunks=(4, 3),
                                    dtype="float32")
-        arr[:] = np.ones((4, 6), dtype="float32")
-        write_manifest(group, ["matrix"])
-        manifest = group.attrs["manifest"]
-        assert manifest == {"matrix": {"shape": [4, 6], "chunks": [4, 3]}}
+        values = np.ones((4, 6), dtype="float32")
+        arr[:] = values
+        table = DigestTable.for_shape(arr.shape, arr.chunks)
+        table.record_region((0, 0), values, arr.chunks)
+        write_manifest(group, ["matrix"], {"matrix": table})
+        entry = group.attrs["manifest"]["matrix"]
+        assert entry["shape"] == [4, 6] and entry["chunks"] == [4, 3]
+        assert entry["digests"] == table.sha256()
         ```
     """
     manifest = dict(group.attrs.get("manifest") or {})
     for name in names:
         arr = group[name]
-        manifest[name] = {"shape": list(arr.shape), "chunks": list(arr.chunks)}
+        entry: Dict[str, Any] = {"shape": list(arr.shape), "chunks": list(arr.chunks)}
+        table = (digests or {}).get(name)
+        if table is not None:
+            entry["digests"] = save_digests(group, name, table)
+        manifest[name] = entry
     group.attrs["manifest"] = manifest
+
+
+def save_digests(group: Any, name: str, table: DigestTable) -> str:
+    """Write the digest table of array `name` beside it; return its SHA-256.
+
+    Raises:
+        ValueError: a chunk's digest was never recorded.
+    """
+    missing = table.missing()
+    if missing or not table.values.size:
+        raise ValueError(f"no digest recorded for chunks {missing[:5]} of {name!r}")
+    arr = create_checked_array(
+        group,
+        f"{DIGESTS_GROUP}/{name}",
+        shape=table.grid,
+        chunks=table.grid,
+        dtype="int64",
+    )
+    arr[...] = table.values
+    return table.sha256()
+
+
+def load_digests(
+    group: Any,
+    name: str,
+    path: str,
+    manifest: Mapping[str, Any],
+    *,
+    what: str = "store",
+    recover: str = DEFAULT_RECOVER,
+) -> DigestTable:
+    """The digest table of array `name`, checked against the manifest.
+
+    Raises:
+        StoreCorruptError: the manifest records no table for `name`, or the
+            table is missing, damaged, or not the one recorded (edited, or
+            moved from another array).
+    """
+    import zarr.errors
+
+    sha = (manifest.get(name) or {}).get("digests")
+    if not sha:
+        raise StoreCorruptError(
+            f"The {what} at {path!r} records no chunk digests for array {name!r}. "
+            f"{recover}"
+        )
+    try:
+        values = np.asarray(group[f"{DIGESTS_GROUP}/{name}"][...], dtype=np.int64)
+    except (KeyError, FileNotFoundError, zarr.errors.NodeNotFoundError) as e:
+        raise StoreCorruptError(
+            f"The chunk digests of array {name!r} of the {what} at {path!r} are "
+            f"missing. {recover}"
+        ) from e
+    except ValueError as e:  # a failed checksum
+        raise StoreCorruptError(
+            f"The chunk digests of array {name!r} of the {what} at {path!r} are "
+            f"damaged ({e}). {recover}"
+        ) from e
+    table = DigestTable(values.shape, values)
+    if table.sha256() != sha:
+        raise StoreCorruptError(
+            f"The chunk digests of array {name!r} of the {what} at {path!r} are not "
+            f"the ones its manifest records (edited, or moved from another array). "
+            f"{recover}"
+        )
+    return table
 
 
 def read_manifest(group: Any, path: str, what: str = "store") -> Dict[str, Any]:
@@ -278,7 +402,8 @@ def open_checked_array(
     return arr
 
 
-def _chunk_key(arr: Any, coords: Coords) -> str:
+def chunk_key(arr: Any, coords: Coords) -> str:
+    """The store key of chunk `coords` of `arr` (relative to the store's root)."""
     key = arr.metadata.encode_chunk_key(tuple(int(c) for c in coords))
     prefix = arr.store_path.path
     return f"{prefix}/{key}" if prefix else str(key)
@@ -302,7 +427,7 @@ def chunk_exists(arr: Any, coords: Coords) -> bool:
     """
     from zarr.core.sync import sync
 
-    return bool(sync(arr.store_path.store.exists(_chunk_key(arr, coords))))
+    return bool(sync(arr.store_path.store.exists(chunk_key(arr, coords))))
 
 
 def _grid(arr: Any) -> List[int]:
@@ -341,9 +466,10 @@ def missing_chunks(arr: Any, coords: Iterable[Coords]) -> List[Coords]:
     return [tuple(c) for c in coords if not chunk_exists(arr, tuple(c))]
 
 
-def _corrupt(
+def corrupt_error(
     what: str, path: str, name: str, coords: Coords, problem: str, recover: str
 ) -> StoreCorruptError:
+    """The error for chunk `coords` of array `name`: `problem`, and how to recover."""
     return StoreCorruptError(
         f"The {what} at {path!r} is damaged: array {name!r}, chunk "
         f"{tuple(int(c) for c in coords)} {problem}. {recover}"
@@ -356,7 +482,9 @@ def _read_chunk(
     try:
         return arr.blocks[tuple(coords)]
     except ValueError as e:  # a failed checksum, or bytes that do not decode
-        raise _corrupt(what, path, name, coords, f"is corrupt ({e})", recover) from e
+        raise corrupt_error(
+            what, path, name, coords, f"is corrupt ({e})", recover
+        ) from e
 
 
 def read_checked(
@@ -422,13 +550,13 @@ def read_checked(
             )
     coords = list(chunks) if chunks is not None else _chunks_of(arr, sel)
     for c in missing_chunks(arr, coords):
-        raise _corrupt(what, path, name, c, "is missing", recover)
+        raise corrupt_error(what, path, name, c, "is missing", recover)
     try:
         return read() if read is not None else arr[sel]
     except ValueError as e:
         for c in coords:  # find the culprit to name it
             _read_chunk(arr, name, path, c, what, recover)
-        raise _corrupt(
+        raise corrupt_error(
             what, path, name, coords[0] if coords else (), f"failed ({e})", recover
         ) from e
 
@@ -438,16 +566,18 @@ def verify_array(
     name: str,
     path: str,
     *,
+    digests: Optional[DigestTable] = None,
     what: str = "store",
     recover: str = DEFAULT_RECOVER,
 ) -> int:
-    """Read every chunk of `arr`, checking that it exists and its checksum.
+    """Read every chunk of `arr`, checking that it exists, its checksum, and,
+    with `digests`, that it is the chunk recorded for its place.
 
     Returns:
         The number of chunks checked.
 
     Raises:
-        StoreCorruptError: the first missing or corrupt chunk.
+        StoreCorruptError: the first missing, corrupt or misplaced chunk.
 
     Example:
         ```python
@@ -465,224 +595,9 @@ def verify_array(
     n = 0
     for coords in itertools.product(*(range(g) for g in _grid(arr))):
         if not chunk_exists(arr, coords):
-            raise _corrupt(what, path, name, coords, "is missing", recover)
-        _read_chunk(arr, name, path, coords, what, recover)
+            raise corrupt_error(what, path, name, coords, "is missing", recover)
+        values = _read_chunk(arr, name, path, coords, what, recover)
+        if digests is not None and not digests.matches(coords, np.asarray(values)):
+            raise corrupt_error(what, path, name, coords, MISPLACED, recover)
         n += 1
     return n
-
-
-def _raw_layout(arr: Any) -> bool:
-    """Whether `arr`'s chunks are raw little-endian bytes and a CRC-32C, on a local disk."""
-    from zarr.codecs import BytesCodec, Crc32cCodec
-    from zarr.storage import LocalStore
-
-    if not isinstance(arr.store_path.store, LocalStore):
-        return False
-    codecs = list(getattr(arr.metadata, "codecs", ()))
-    if len(codecs) != 2:
-        return False
-    raw, crc = codecs
-    if not isinstance(raw, BytesCodec) or not isinstance(crc, Crc32cCodec):
-        return False
-    endian = getattr(raw.endian, "value", raw.endian)
-    if np.dtype(arr.dtype).itemsize > 1 and not (
-        endian == "little" and sys.byteorder == "little"
-    ):
-        return False
-    return True
-
-
-def _crc32c(data: np.ndarray) -> int:
-    import google_crc32c
-
-    view = data.reshape(-1).view(np.uint8).view()
-    view.flags.writeable = False  # the checksum reads read-only buffers
-    return int(google_crc32c.value(view))
-
-
-class RawChunkReader:
-    """Reads whole chunks of a Zarr array from their files into given buffers.
-
-    Applies to arrays on a local disk whose chunks are stored raw: the
-    little-endian bytes of the chunk in C order, then a CRC-32C of them (the
-    codecs of [create_checked_array][pydvl_datainf.storage.integrity.create_checked_array]
-    without compressors). A chunk is read with one `readinto` into a buffer
-    that the caller allocates once and reuses, and its checksum is checked
-    there: no fresh memory per chunk (fresh memory is paged in, and zeroed
-    by the kernel, on first touch) and no copy after the read. Chunks at the
-    edge of the array are stored whole, as Zarr does, and read whole.
-
-    Use [for_array][pydvl_datainf.storage.integrity.RawChunkReader.for_array],
-    which returns `None` where the layout does not apply (another store,
-    compression, big-endian data); then read through Zarr.
-
-    Args:
-        arr: the Zarr array.
-        name: its name in the group (for messages).
-        path: the output's path (for messages).
-        what: the kind of output (for messages).
-        recover: how to recover (for messages).
-
-    Example:
-        ```python
-        import numpy as np
-        import zarr
-        from pydvl_datainf.storage.integrity import RawChunkReader, create_checked_array
-
-        group = zarr.open_group("scores.zarr", mode="w")
-        arr = create_checked_array(group, "m", shape=(10, 3), chunks=(4, 3),
-                                   dtype="float32")
-        arr[:] = np.arange(30, dtype="float32").reshape(10, 3)
-        reader = RawChunkReader.for_array(arr, "m", "scores.zarr")
-        buffer = reader.new_buffer()                # one chunk, reused
-        last = reader.read_into((2, 0), buffer)     # rows 8..11, stored whole
-        assert last.shape == (4, 3) and (last[:2] == arr[8:]).all()
-        ```
-    """
-
-    def __init__(
-        self,
-        arr: Any,
-        name: str,
-        path: str,
-        *,
-        what: str = "store",
-        recover: str = DEFAULT_RECOVER,
-    ) -> None:
-        self._arr = arr
-        self._name = name
-        self._path = path
-        self._what = what
-        self._recover = recover
-        self._root = str(arr.store_path.store.root)
-        self.dtype = np.dtype(arr.dtype)
-        self.chunk_shape: Tuple[int, ...] = tuple(int(c) for c in arr.chunks)
-        self.nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
-        """Bytes of one chunk's data (the file holds 4 more: the checksum)."""
-
-    @classmethod
-    def for_array(
-        cls,
-        arr: Any,
-        name: str,
-        path: str,
-        *,
-        what: str = "store",
-        recover: str = DEFAULT_RECOVER,
-    ) -> Optional[RawChunkReader]:
-        """A reader for `arr`, or `None` where its chunks are not stored raw on a local disk."""
-        if not _raw_layout(arr):
-            return None
-        return cls(arr, name, path, what=what, recover=recover)
-
-    def file(self, coords: Coords) -> str:
-        """The path of chunk `coords`'s file."""
-        return os.path.join(self._root, *_chunk_key(self._arr, coords).split("/"))
-
-    def new_buffer(self) -> np.ndarray:
-        """A buffer for one chunk file (data and checksum), to pass to `read_into`."""
-        return np.empty(self.nbytes + 4, dtype=np.uint8)
-
-    def read_into(self, coords: Coords, buffer: np.ndarray) -> np.ndarray:
-        """Read chunk `coords` into `buffer` and check it.
-
-        Returns:
-            The chunk, a view of `buffer` with the chunk's shape and the
-            array's dtype; valid until `buffer` is reused.
-
-        Raises:
-            StoreCorruptError: the chunk is missing, has the wrong size, or
-                fails its checksum.
-            ValueError: `buffer` is not a `new_buffer()`.
-        """
-        if buffer.dtype != np.uint8 or buffer.shape != (self.nbytes + 4,):
-            raise ValueError("buffer must come from new_buffer()")
-        try:
-            with open(self.file(coords), "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                got = f.readinto(buffer.data) if size == len(buffer) else -1
-        except FileNotFoundError:
-            raise _corrupt(
-                self._what, self._path, self._name, coords, "is missing", self._recover
-            ) from None
-        if got != len(buffer):
-            raise _corrupt(
-                self._what,
-                self._path,
-                self._name,
-                coords,
-                f"has {size} bytes, {len(buffer)} expected",
-                self._recover,
-            )
-        data = buffer[: self.nbytes]
-        stored = int.from_bytes(buffer[self.nbytes :].tobytes(), "little")
-        if _crc32c(data) != stored:
-            raise _corrupt(
-                self._what,
-                self._path,
-                self._name,
-                coords,
-                "is corrupt (its checksum does not match its bytes)",
-                self._recover,
-            )
-        return data.view(self.dtype).reshape(self.chunk_shape)
-
-
-class RawChunkWriter:
-    """Writes whole chunks of a Zarr array from the caller's memory.
-
-    The file is what Zarr writes for the codecs of
-    [create_checked_array][pydvl_datainf.storage.integrity.create_checked_array]
-    without compressors (the chunk's bytes, then their CRC-32C), written
-    from the data as it lies in memory: no encoded copy. Zarr and
-    [RawChunkReader][pydvl_datainf.storage.integrity.RawChunkReader] read it
-    back. Only whole chunks (the chunk's shape exactly) are written this way.
-
-    Example:
-        ```python
-        import numpy as np
-        import zarr
-        from pydvl_datainf.storage.integrity import RawChunkWriter, create_checked_array
-
-        group = zarr.open_group("scores.zarr", mode="w")
-        arr = create_checked_array(group, "m", shape=(8, 3), chunks=(4, 3),
-                                   dtype="float32")
-        writer = RawChunkWriter.for_array(arr)
-        tile = np.ones((4, 3), dtype="float32")
-        writer.write((1, 0), tile)
-        assert (arr[4:] == 1).all()  # read back by Zarr, checksum checked
-        ```
-    """
-
-    def __init__(self, arr: Any) -> None:
-        self._arr = arr
-        self._root = str(arr.store_path.store.root)
-        self.dtype = np.dtype(arr.dtype)
-        self.chunk_shape: Tuple[int, ...] = tuple(int(c) for c in arr.chunks)
-
-    @classmethod
-    def for_array(cls, arr: Any) -> Optional[RawChunkWriter]:
-        """A writer for `arr`, or `None` where its chunks are not stored raw on a local disk."""
-        return cls(arr) if _raw_layout(arr) else None
-
-    def write(self, coords: Coords, data: np.ndarray) -> None:
-        """Write chunk `coords` from `data` (the chunk's shape and the array's dtype).
-
-        Raises:
-            ValueError: `data` is not a whole chunk of the array's dtype.
-        """
-        if data.dtype != self.dtype or tuple(data.shape) != self.chunk_shape:
-            raise ValueError(
-                f"a whole chunk {self.chunk_shape} of {self.dtype} is needed, got "
-                f"{tuple(data.shape)} of {data.dtype}"
-            )
-        data = np.ascontiguousarray(data)
-        crc = _crc32c(data).to_bytes(4, "little")
-        file = os.path.join(self._root, *_chunk_key(self._arr, coords).split("/"))
-        os.makedirs(os.path.dirname(file), exist_ok=True)
-        with open(file, "wb", buffering=0) as f:
-            view = data.reshape(-1).view(np.uint8).data
-            written = 0
-            while written < len(view):
-                written += f.write(view[written:])
-            f.write(crc)

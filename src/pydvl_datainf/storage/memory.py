@@ -195,10 +195,10 @@ class MemoryGradientStore(GradientStore):
         for lo, hi in zip(self._batch_starts, self._batch_starts[1:]):
             yield {k: b[lo:hi] for k, b in blocks.items()}
 
-    def finalize(self) -> None:
+    def finalize(self, publish: bool = True) -> None:
         if self._finalized:
             return
-        super().finalize()
+        super().finalize(publish)
         self._data = {k: self._block(k) for k in self._known()}
         self._buffers, self._parts = {}, {}
 

@@ -41,7 +41,7 @@ import torch
 from ..config import parse_bytes
 from .auto import AutoGradientStore
 from .base import GradientStore
-from .format import GRADIENT_STORE, PathLike, check_claimable
+from .format import GRADIENT_STORE, PathLike, check_claimable, check_path
 from .memory import MemoryGradientStore
 from .recompute import GradientFn, RecomputeGradientStore
 from .zarr import ZarrGradientStore
@@ -76,7 +76,8 @@ def check_store_spec(
     """Check a store choice before any work (no I/O).
 
     Raises:
-        ValueError: an unknown kind, `"zarr"` without a path, unknown options.
+        ValueError: an unknown kind, `"zarr"` without a path, an empty path,
+            unknown options.
 
     Example:
         >>> check_store_spec("auto", None, {"chunk_rows": 1024})
@@ -88,6 +89,8 @@ def check_store_spec(
         )
     if spec == "zarr" and path is None:
         raise ValueError("store='zarr' needs store_path (a path or fsspec URL)")
+    if path is not None:
+        check_path(path)
     unknown = set(options or {}) - ZARR_OPTIONS
     if unknown:
         raise ValueError(

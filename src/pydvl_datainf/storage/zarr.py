@@ -14,16 +14,14 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import shutil
 import threading
-import uuid
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from typing import (
     Any,
+    Callable,
     Dict,
     Iterable,
     Iterator,
@@ -32,62 +30,46 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
+    TypeVar,
     Union,
 )
 
 import numpy as np
 import torch
 
-from ..errors import NonFiniteGradientError, StoreMismatchError
+from ..errors import StoreMismatchError, StoreReplacedError
 from ..factored import Rows, densify
-from .base import FitState, GradientStore, default_chunk_rows, trim_heap
-from .dtypes import (
-    STORE_DTYPES,
-    dtype_name,
-    numpy_dtype,
-    numpy_to_torch,
-    read_dtype,
-    resolve_store_dtype,
-    torch_to_numpy,
-)
+from .base import FitState, GradientStore, trim_heap
+from .chunks import CheckedChunks
+from .digests import DigestTable
+from .dtypes import STORE_DTYPES, dtype_name, numpy_to_torch, resolve_store_dtype
 from .format import (
     FORMATS,
     GRADIENT_STORE,
     PathLike,
-    RawChunkReader,
-    claim_path,
-    create_checked_array,
+    check_path,
+    load_digests,
     open_checked_array,
     open_zarr_group,
-    read_checked,
     read_manifest,
-    verify_array,
-    write_manifest,
 )
+from .zarr_layout import (
+    FORMAT_VERSION,
+    WHAT,
+    grad_names,
+    norm_names,
+    remove_directory,
+    replaced_error,
+    store_id_at,
+)
+from .zarr_writer import ZarrStoreWriter
 
 __all__ = ["ZarrGradientStore", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-"""Version of the gradient store format (2: checksummed chunks and a manifest)."""
-
-_WHAT = "gradient store"
-
-
-def _orthogonal_rows(arr: Any, rows: np.ndarray) -> Any:
-    return arr.oindex[rows, :]
-
-
-def _remove_directory(path: str) -> None:
-    """Remove a temporary directory the library created (a finalizer)."""
-    try:
-        shutil.rmtree(path)
-        logger.debug("Removed the temporary directory %s", path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:  # pragma: no cover - e.g. a file still open on Windows
-        logger.warning("Could not remove the temporary directory %s: %s", path, e)
+_WHAT = WHAT
+T = TypeVar("T")
 
 
 class ZarrGradientStore(GradientStore):
@@ -107,13 +89,21 @@ class ZarrGradientStore(GradientStore):
       A non-empty directory it did not create, or an influence matrix, is
       refused with [StoreExistsError][pydvl_datainf.errors.StoreExistsError]
       and never emptied.
-    - Every chunk of gradients and norms carries a CRC-32C checksum, and a
-      manifest of the finished arrays is written last. Opening checks the
-      metadata, the manifest and the array shapes; reading checks that the
-      chunks read exist and their checksums; [verify][pydvl_datainf.storage.zarr.ZarrGradientStore.verify]
-      reads everything. A missing or damaged chunk raises
+    - Every chunk of gradients and norms carries a CRC-32C checksum, and the
+      digest of every chunk is recorded by its place when it is written
+      (see [digests][pydvl_datainf.storage.digests]); a manifest of the
+      finished arrays and their digest tables is written last. Opening checks
+      the metadata, the manifest, the array shapes and the digest tables;
+      every read checks that each chunk exists, its checksum, and that it is
+      the chunk written at that place;
+      [verify][pydvl_datainf.storage.zarr.ZarrGradientStore.verify] reads
+      everything. A missing, damaged, swapped or duplicated chunk raises
       [StoreCorruptError][pydvl_datainf.errors.StoreCorruptError], naming the
-      array and the chunk; it never reads as zeros.
+      array and the chunk; it never reads as zeros or as another chunk.
+    - The store has an id, written when it is created. A writer checks it
+      before every write, and a reader whose chunk check fails checks it
+      too: a store replaced at the same path by another fit or process raises
+      [StoreReplacedError][pydvl_datainf.errors.StoreReplacedError].
     - With `temporary_directory`, the store owns that directory and removes it
       on [close][pydvl_datainf.storage.zarr.ZarrGradientStore.close], when it is
       garbage-collected, and at interpreter exit.
@@ -129,9 +119,10 @@ class ZarrGradientStore(GradientStore):
                                   chunk_rows, n, regularization, weights_digest, ...
         <path>/grads/<i>   (n, d_i), chunks (chunk_rows, d_i)
         <path>/norms/<i>   (n,), squared norms of block i
+        <path>/digests/... the digest of every chunk of each array above
         ```
         `manifest` (in the attributes) lists every finished array with its
-        shape and chunks.
+        shape, chunks and the SHA-256 of its digest table.
 
     Args:
         path: a local path or fsspec URL (`s3://bucket/grads.zarr`, ...).
@@ -182,43 +173,54 @@ class ZarrGradientStore(GradientStore):
         self._cleanup: Optional[weakref.finalize] = None
         if temporary_directory is not None:
             self._cleanup = weakref.finalize(
-                self, _remove_directory, os.fspath(temporary_directory)
+                self, remove_directory, os.fspath(temporary_directory)
             )
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         self.storage_options = dict(storage_options or {})
-        self._dtype = resolve_store_dtype(dtype)
-        self._chunk_rows = None if chunk_rows is None else int(chunk_rows)
-        if self._chunk_rows is not None and self._chunk_rows <= 0:
+        if chunk_rows is not None and int(chunk_rows) <= 0:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-        self._compressors = compressors
-        self._lock = threading.RLock()
-        self._arrays: Optional[List[Any]] = None
-        self._raw: Optional[List[RawChunkReader]] = None
-        self._group: Any = None
-        self._buffer: Dict[str, List[np.ndarray]] = {k: [] for k in self.block_names}
-        self._buffered = 0
-        self._n = 0
-        self._sizes: List[int] = []
-        self._writer: Optional[ThreadPoolExecutor] = None
-        self._pending: List[Future] = []
-        self._group = claim_path(
+        self._writer: Optional[ZarrStoreWriter] = ZarrStoreWriter(
             self.path,
-            GRADIENT_STORE,
+            self.block_names,
+            dtype=resolve_store_dtype(dtype),
+            chunk_rows=None if chunk_rows is None else int(chunk_rows),
             overwrite=overwrite,
             storage_options=self.storage_options,
-            attributes={
-                "format_version": FORMAT_VERSION,
-                "block_names": self.block_names,
-                "store_id": uuid.uuid4().hex,
-                "finalized": False,
-                "complete": False,
-            },
-            exists_hint=(
-                "Pass overwrite=True (store_options={'overwrite': True} to "
-                "DataInfInfluence) to replace it, or reopen it with "
-                "DataInfInfluence.from_store."
-            ),
+            compressors=compressors,
         )
+        self._lock = threading.RLock()
+        self._group: Any = None
+        self._readers: Dict[str, CheckedChunks] = {}
+        self._digests: Dict[str, DigestTable] = self._writer.digests
+        self._store_id = self._writer.store_id
+        self._location = self._writer.location
+        self._dtype = self._writer.dtype
+        self._chunk_rows = self._writer.chunk_rows
+        self._sizes: List[int] = []
+        self._n = 0
+
+    @classmethod
+    def from_writer(cls, writer: ZarrStoreWriter) -> ZarrGradientStore:
+        """A finished store over what `writer` wrote (to save a fit's state
+        into it and publish it), e.g. one assembled from partitions."""
+        if not writer.finalized:
+            raise RuntimeError("The writer has not finished its store")
+        self = cls.__new__(cls)
+        GradientStore.__init__(self, writer.block_names)
+        self.path = writer.path
+        self.storage_options = dict(writer.storage_options)
+        self._cleanup = None
+        self._writer = writer
+        self._lock = threading.RLock()
+        self._group = None
+        self._readers = {}
+        self._digests = writer.digests
+        self._store_id = writer.store_id
+        self._location = writer.location
+        self._dtype, self._chunk_rows = writer.dtype, writer.chunk_rows
+        self._n, self._sizes = writer.n, list(writer.sizes)
+        self._finalized = True
+        return self
 
     # --------------------------------------------------------------- reading
     @classmethod
@@ -229,10 +231,11 @@ class ZarrGradientStore(GradientStore):
     ) -> ZarrGradientStore:
         """Open a finalized store for reading.
 
-        Cheap checks only (metadata): the format and its version, that the
-        store was finalized, its manifest, and the shapes and chunks of its
-        arrays. Reads check chunks; [verify][pydvl_datainf.storage.zarr.ZarrGradientStore.verify]
-        checks all of them.
+        Checks the metadata: the format and its version, that the store was
+        finalized, its manifest, the shapes and chunks of its arrays, and the
+        digest tables that bind every chunk to its place. Reads check chunks;
+        [verify][pydvl_datainf.storage.zarr.ZarrGradientStore.verify] checks
+        all of them.
 
         Args:
             path: where it was written.
@@ -243,12 +246,13 @@ class ZarrGradientStore(GradientStore):
             StoreMismatchError: not a gradient store, written by an older
                 format, or never finalized (the fit that wrote it was
                 interrupted).
-            StoreCorruptError: the manifest is missing, or an array is missing
-                or has another shape than was written.
+            StoreCorruptError: the manifest is missing, or an array or its
+                digest table is missing, damaged or has another shape than
+                was written.
         """
         import zarr.errors
 
-        path = os.fspath(path)
+        path = check_path(path)
         try:
             group = open_zarr_group(path, "r", storage_options)
         except zarr.errors.NodeNotFoundError as e:  # other errors propagate
@@ -262,8 +266,8 @@ class ZarrGradientStore(GradientStore):
         if int(attrs.get("format_version", 0)) < FORMAT_VERSION:
             raise StoreMismatchError(
                 f"The gradient store at {path!r} was written in an older format "
-                f"(version {attrs.get('format_version')}, without checksums); "
-                f"fit again with overwrite=True to rewrite it."
+                f"(version {attrs.get('format_version')}, this library writes "
+                f"{FORMAT_VERSION}); fit again with overwrite=True to rewrite it."
             )
         if not attrs.get("finalized"):
             raise StoreMismatchError(
@@ -274,24 +278,25 @@ class ZarrGradientStore(GradientStore):
         GradientStore.__init__(self, attrs["block_names"])
         self.path = path
         self.storage_options = dict(storage_options or {})
-        self._dtype = STORE_DTYPES[attrs["dtype"]]
-        self._chunk_rows = int(attrs["chunk_rows"])
-        self._compressors = None
         self._cleanup = None
+        self._writer = None
         self._lock = threading.RLock()
         self._group = group
-        self._arrays = None
-        self._raw = None
-        self._buffer = {k: [] for k in self.block_names}
-        self._buffered = 0
-        self._writer = None
-        self._pending = []
+        self._readers = {}
+        self._digests = {}
+        self._store_id = str(attrs.get("store_id", ""))
+        self._location = path
+        self._dtype = STORE_DTYPES[attrs["dtype"]]
+        self._chunk_rows = int(attrs["chunk_rows"])
         self._n = int(attrs["n"])
         self._sizes = [int(s) for s in attrs["block_sizes"]]
         self._finalized = True
-        self._get_arrays()  # the manifest and the shapes
-        if attrs.get("complete"):
-            self._norm_arrays()
+        manifest = read_manifest(group, path, _WHAT)
+        names = self._grad_names() + (
+            self._norm_names() if attrs.get("complete") else []
+        )
+        for name in names:
+            self._reader(name, manifest)
         return self
 
     @property
@@ -305,8 +310,8 @@ class ZarrGradientStore(GradientStore):
 
     @property
     def store_id(self) -> str:
-        """A random id written when the store was created (changes on overwrite)."""
-        return str(self._get_group().attrs.get("store_id", ""))
+        """A random id written when the store was created (another on overwrite)."""
+        return self._store_id
 
     @property
     def dtype(self) -> Optional[torch.dtype]:
@@ -338,60 +343,77 @@ class ZarrGradientStore(GradientStore):
     def _get_group(self) -> Any:
         with self._lock:
             if self._group is None:
-                self._group = open_zarr_group(self.path, "r", self.storage_options)
+                self._group = open_zarr_group(self._location, "r", self.storage_options)
             return self._group
 
-    def _get_arrays(self) -> List[Any]:
-        with self._lock:
-            if self._arrays is None:
-                group = self._get_group()
-                manifest = read_manifest(group, self.path, _WHAT)
-                self._arrays = [
-                    open_checked_array(
-                        group,
-                        f"grads/{i}",
-                        self.path,
-                        shape=(self._n, d),
-                        manifest=manifest,
-                        what=_WHAT,
-                    )
-                    for i, d in enumerate(self._sizes)
-                ]
-            return self._arrays
+    def _grad_names(self) -> List[str]:
+        return grad_names(len(self.block_names))
 
-    def _norm_arrays(self) -> List[Any]:
-        group = self._get_group()
-        manifest = read_manifest(group, self.path, _WHAT)
-        return [
-            open_checked_array(
-                group,
-                f"norms/{i}",
-                self.path,
-                shape=(self._n,),
-                manifest=manifest,
-                what=_WHAT,
+    def _norm_names(self) -> List[str]:
+        return norm_names(len(self.block_names))
+
+    def _reader(
+        self, name: str, manifest: Optional[Mapping[str, Any]] = None
+    ) -> CheckedChunks:
+        """The checked chunk reader of array `name` (its digests: those recorded
+        by this object when it wrote the array, else the store's, checked
+        against the manifest)."""
+        with self._lock:
+            reader = self._readers.get(name)
+            if reader is not None:
+                return reader
+            group = self._get_group()
+            if manifest is None:
+                manifest = read_manifest(group, self.path, _WHAT)
+                self._check_owner("reading")
+            arr = open_checked_array(
+                group, name, self.path, manifest=manifest, what=_WHAT
             )
-            for i in range(len(self.block_names))
-        ]
+            table = self._digests.get(name)
+            if table is None:
+                table = load_digests(group, name, self.path, manifest, what=_WHAT)
+                self._digests[name] = table
+            reader = CheckedChunks(arr, name, self.path, table, what=_WHAT)
+            self._readers[name] = reader
+            return reader
+
+    def disk_store_id(self) -> Optional[str]:
+        """The id of the store now where this one is (`None` if there is none)."""
+        return store_id_at(self._location, self.storage_options)
+
+    def _check_owner(self, doing: str) -> None:
+        """Raise unless the store at this path is still this store."""
+        now = self.disk_store_id()
+        if now != self._store_id:
+            raise replaced_error(self.path, self._store_id, now, doing)
+
+    def _checked(self, read: Callable[..., T], *args: Any) -> T:
+        """`read(*args)`; any failed read of a store that was replaced (a
+        chunk check, or a file that a rename took away) says so."""
+        try:
+            return read(*args)
+        except StoreReplacedError:
+            raise
+        except Exception as e:
+            now = self.disk_store_id()
+            if now != self._store_id:
+                raise replaced_error(self.path, self._store_id, now, "reading") from e
+            raise
 
     def read(self, start: int, stop: int) -> Dict[str, torch.Tensor]:
         assert self._dtype is not None
-        stop = min(stop, self._n)
-        start = min(start, stop)
-        arrays = self._get_arrays()
-        return {
-            k: numpy_to_torch(
-                read_checked(
-                    a, f"grads/{i}", self.path, (slice(start, stop),), what=_WHAT
-                ),
-                self._dtype,
-            )
-            for i, (k, a) in enumerate(zip(self.block_names, arrays))
-        }
+        dtype = self._dtype
+        return self._checked(
+            lambda: {
+                k: numpy_to_torch(self._reader(name).read_rows(start, stop), dtype)
+                for k, name in zip(self.block_names, self._grad_names())
+            }
+        )
 
     def verify(self, progress: bool = False) -> int:
-        """Read every chunk of every array, checking that it exists and its
-        checksum, after the checks of [open][pydvl_datainf.storage.zarr.ZarrGradientStore.open].
+        """Read every chunk of every array, checking that it exists, its
+        checksum, and that it is the chunk written at its place, after the
+        checks of [open][pydvl_datainf.storage.zarr.ZarrGradientStore.open].
 
         Costs one full read of the store.
 
@@ -402,8 +424,9 @@ class ZarrGradientStore(GradientStore):
             The number of chunks checked.
 
         Raises:
-            StoreCorruptError: the first missing or damaged chunk, naming the
-                array and the chunk.
+            StoreCorruptError: the first missing, damaged or misplaced chunk,
+                naming the array and the chunk.
+            StoreReplacedError: another store is at this path now.
 
         Example:
             ```python
@@ -420,58 +443,52 @@ class ZarrGradientStore(GradientStore):
 
         if not self._finalized:
             raise RuntimeError("Finalize the store before verifying it")
-        named = [(f"grads/{i}", a) for i, a in enumerate(self._get_arrays())]
-        if self.is_complete:
-            named += [(f"norms/{i}", a) for i, a in enumerate(self._norm_arrays())]
+        self._check_owner("verifying")
+        manifest = read_manifest(self._get_group(), self.path, _WHAT)
+        names = [k for k in manifest if k in self._digests or "digests" in manifest[k]]
         checked = 0
-        for name, arr in tqdm(named, desc="Verifying", disable=not progress):
-            checked += verify_array(arr, name, self.path, what=_WHAT)
+        for name in tqdm(names, desc="Verifying", disable=not progress):
+            checked += self._checked(self._reader(name, manifest).verify)
         logger.info("Verified %d chunks of %s", checked, self.path)
         return checked
-
-    def _raw_readers(self) -> Optional[List[RawChunkReader]]:
-        """Readers of the gradient chunks straight from their files, if they apply."""
-        with self._lock:
-            if self._raw is None:
-                readers = [
-                    RawChunkReader.for_array(a, f"grads/{i}", self.path, what=_WHAT)
-                    for i, a in enumerate(self._get_arrays())
-                ]
-                # all arrays read raw, or none
-                self._raw = [r for r in readers if r is not None]
-                if None in readers:
-                    self._raw = []
-            return self._raw or None
 
     def iter_chunks(
         self, rows: int, wanted: Optional[Iterable[int]] = None, buffers: int = 0
     ) -> Iterator[Tuple[int, int, Dict[str, torch.Tensor]]]:
         """Yield `(chunk_index, start_row, grads)` for chunks of exactly `rows` rows.
 
-        With `buffers > 0`, `rows` equal to the store's chunk rows, and chunks
-        stored raw on a local disk (no compressors), each chunk is read
-        straight from its files into one of `buffers` sets of buffers used
-        in rotation, checksums checked
-        ([RawChunkReader][pydvl_datainf.storage.integrity.RawChunkReader]);
-        otherwise as [GradientStore.iter_chunks][pydvl_datainf.storage.base.GradientStore.iter_chunks].
+        With `rows` equal to the store's chunk rows, each stored chunk is read
+        whole and checked ([CheckedChunks][pydvl_datainf.storage.chunks.CheckedChunks]);
+        with `buffers > 0` and chunks stored raw on a local disk (no
+        compressors), straight from their files into one of `buffers` sets of
+        buffers used in rotation. Otherwise as
+        [GradientStore.iter_chunks][pydvl_datainf.storage.base.GradientStore.iter_chunks].
         """
-        readers = (
-            self._raw_readers()
-            if buffers > 0 and rows == self._chunk_rows and self._finalized
-            else None
-        )
-        if readers is None:
+        if rows != self._chunk_rows or not self._finalized:
             yield from super().iter_chunks(rows, wanted, buffers)
             return
         assert self._dtype is not None
-        ring = [[r.new_buffer() for r in readers] for _ in range(buffers)]
-        for j, c in enumerate(self.wanted_chunks(rows, wanted)):
-            k = min(rows, self._n - c * rows)
-            data = {
-                name: numpy_to_torch(r.read_into((c, 0), b)[:k], self._dtype)
-                for name, r, b in zip(self.block_names, readers, ring[j % buffers])
+        readers = self._checked(
+            lambda: [self._reader(name) for name in self._grad_names()]
+        )
+        ring = [[r.new_buffer() for r in readers] for _ in range(max(0, buffers))]
+        dtype = self._dtype
+
+        def read(
+            c: int, bufs: Sequence[Optional[np.ndarray]]
+        ) -> Dict[str, torch.Tensor]:
+            return {
+                name: numpy_to_torch(r.read((c, 0), buffer=b), dtype)
+                for name, r, b in zip(self.block_names, readers, bufs)
             }
+
+        for j, c in enumerate(self.wanted_chunks(rows, wanted)):
+            bufs = ring[j % buffers] if ring else [None] * len(readers)
+            data = self._checked(read, c, bufs)
             yield c, c * rows, data
+            del data
+            if not ring:
+                trim_heap()
 
     def chunks(
         self, rows: Optional[int] = None
@@ -481,40 +498,29 @@ class ZarrGradientStore(GradientStore):
             yield start, self.read(start, start + step)
 
     def take(self, index: torch.Tensor) -> Dict[str, torch.Tensor]:
-        assert self._dtype is not None
+        assert self._dtype is not None and self._chunk_rows is not None
         idx = index.detach().to("cpu", torch.long).numpy()
-        if len(idx) == 0:
-            return {
-                k: torch.zeros(0, d, dtype=read_dtype(self._dtype))
-                for k, d in zip(self.block_names, self._sizes)
-            }
-        lo, hi = int(idx.min()), int(idx.max()) + 1
-        if hi - lo <= 2 * len(idx):  # nearly contiguous: one slice, then gather
-            part = self.read(lo, hi)
-            sel = torch.from_numpy(idx - lo)
-            return {k: v[sel] for k, v in part.items()}
-        order = np.argsort(idx, kind="stable")
-        uniq, inverse = np.unique(idx[order], return_inverse=True)
-        out = {}
-        assert self._chunk_rows is not None
-        touched = [(int(c), 0) for c in np.unique(uniq // self._chunk_rows)]
-        if len(uniq) and int(uniq[-1]) >= self._n:
-            raise IndexError(f"Row {int(uniq[-1])} is out of range (n={self._n})")
-        for i, (k, a) in enumerate(zip(self.block_names, self._get_arrays())):
-            raw = read_checked(
-                a,
-                f"grads/{i}",
-                self.path,
-                (slice(int(uniq[0]), int(uniq[-1]) + 1),),
-                read=partial(_orthogonal_rows, a, uniq),
-                chunks=touched,
-                what=_WHAT,
-            )
-            rows = numpy_to_torch(raw, self._dtype)
-            back = torch.empty(len(idx), dtype=torch.long)
-            back[torch.from_numpy(order)] = torch.from_numpy(inverse)
-            out[k] = rows[back]
-        return out
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= self._n):
+            bad = int(idx.max()) if int(idx.max()) >= self._n else int(idx.min())
+            raise IndexError(f"Row {bad} is out of range (n={self._n})")
+        step = self._chunk_rows
+        chunk_of = idx // step
+        touched = np.unique(chunk_of)
+        dtype = self._dtype
+
+        def gather() -> Dict[str, torch.Tensor]:
+            out: Dict[str, torch.Tensor] = {}
+            for k, name in zip(self.block_names, self._grad_names()):
+                reader = self._reader(name)
+                rows = np.empty((len(idx), *reader.shape[1:]), dtype=reader.arr.dtype)
+                for c in touched:
+                    at = chunk_of == c
+                    values = reader.read((int(c), 0))
+                    rows[at] = values[idx[at] - int(c) * step]
+                out[k] = numpy_to_torch(rows, dtype)
+            return out
+
+        return self._checked(gather)
 
     def load_fit_state(self) -> FitState:
         """The [FitState][pydvl_datainf.storage.FitState] saved by `fit`.
@@ -528,16 +534,14 @@ class ZarrGradientStore(GradientStore):
                 f"The gradient store at {self.path!r} is incomplete: the fit that "
                 f"wrote it did not finish. Fit again with overwrite."
             )
-        norms = {
-            k: torch.from_numpy(
-                np.asarray(
-                    read_checked(
-                        a, f"norms/{i}", self.path, (slice(0, self._n),), what=_WHAT
-                    )
-                )
-            )
-            for i, (k, a) in enumerate(zip(self.block_names, self._norm_arrays()))
-        }
+        if str(attrs.get("store_id", "")) != self._store_id:
+            self._check_owner("reading")
+        norms = self._checked(
+            lambda: {
+                k: torch.from_numpy(np.array(self._reader(name).read_rows(0, self._n)))
+                for k, name in zip(self.block_names, self._norm_names())
+            }
+        )
         return FitState(
             n_train=int(attrs["n"]),
             regularization={k: float(v) for k, v in attrs["regularization"].items()},
@@ -549,191 +553,141 @@ class ZarrGradientStore(GradientStore):
             block_shapes={
                 k: [list(s) for s in v] for k, v in attrs["block_shapes"].items()
             },
+            frozen_digest=str(attrs.get("frozen_digest", "")),
+            rows_digest=str(attrs.get("rows_digest", "")),
             extra=dict(attrs.get("fit_extra") or {}),
         )
 
+    def content_digest(self) -> str:
+        """SHA-256 of the gradients' chunk digests, by place: the same for the
+        same rows in the same chunks (e.g. to key an index of the rows
+        without reading them).
+
+        Example:
+            ```python
+            import torch
+            from pydvl_datainf.storage import ZarrGradientStore
+
+            g = torch.randn(10, 3)
+            for path in ("a.zarr", "b.zarr"):
+                s = ZarrGradientStore(path, ["w"], chunk_rows=4)
+                s.append({"w": g})
+                s.finalize()
+            a, b = ZarrGradientStore.open("a.zarr"), ZarrGradientStore.open("b.zarr")
+            assert a.content_digest() == b.content_digest()
+            ```
+        """
+        h = hashlib.sha256(f"{self._n}|{self._sizes}|".encode())
+        for name in self._grad_names():
+            h.update(self._reader(name).digests.sha256().encode())
+        return h.hexdigest()
+
+    def load_array(self, name: str) -> Optional[np.ndarray]:
+        """An extra array written by `save_array`, checked; `None` if the
+        manifest does not list it."""
+        manifest = read_manifest(self._get_group(), self.path, _WHAT)
+        if name not in manifest:
+            return None
+        reader = self._reader(name, manifest)
+        return np.array(self._checked(lambda: reader.read_rows(0, reader.shape[0])))
+
     # --------------------------------------------------------------- writing
-    def _create_arrays(self, grads: Mapping[str, torch.Tensor]) -> None:
-        first = next(iter(grads.values()))
-        if self._dtype is None:
-            self._dtype = (
-                first.dtype if first.dtype in STORE_DTYPES.values() else torch.float32
+    def _writing(self) -> ZarrStoreWriter:
+        if self._writer is None:
+            raise RuntimeError(
+                f"The gradient store at {self.path!r} was opened for reading; "
+                f"write a new one with ZarrGradientStore(path, ..., overwrite=True)"
             )
-        self._sizes = [int(grads[k].shape[1]) for k in self.block_names]
-        item = torch.empty(0, dtype=self._dtype).element_size()
-        if self._chunk_rows is None:
-            self._chunk_rows = default_chunk_rows(sum(self._sizes) * item)
-        arrays = []
-        for i, d in enumerate(self._sizes):
-            arrays.append(
-                create_checked_array(
-                    self._group,
-                    f"grads/{i}",
-                    shape=(0, d),
-                    chunks=(self._chunk_rows, d),
-                    dtype=numpy_dtype(self._dtype),
-                    compressors=self._compressors,
-                )
-            )
-        self._arrays = arrays
-        self._group.attrs.update(
-            {
-                "block_sizes": self._sizes,
-                "dtype": dtype_name(self._dtype),
-                "chunk_rows": self._chunk_rows,
-                "n": 0,
-            }
-        )
+        return self._writer
 
     def append(self, grads: Mapping[str, Rows]) -> None:
         self._check_append(grads)
-        dense = {k: densify(g) for k, g in grads.items()}
+        writer = self._writing()
+        writer.append({k: densify(g) for k, g in grads.items()})
+        self._n = writer.n
+        self._dtype, self._chunk_rows = writer.dtype, writer.chunk_rows
+        self._sizes = list(writer.sizes)
+
+    def finalize(self, publish: bool = True) -> None:
+        """Write what is buffered, seal the store (no more appends) and, with
+        `publish`, [publish][pydvl_datainf.storage.zarr.ZarrGradientStore.publish] it."""
         with self._lock:
-            if self._arrays is None:
-                self._create_arrays(dense)
-            assert self._dtype is not None and self._chunk_rows is not None
-            for k, g in dense.items():
-                t = g.detach().to(device="cpu", dtype=self._dtype)
-                if t.dtype in (torch.float16, torch.bfloat16) and not bool(
-                    torch.isfinite(t).all()
-                ):
-                    raise NonFiniteGradientError(
-                        f"Gradients of block {k!r} overflow {dtype_name(self._dtype)} "
-                        f"(|g| > {torch.finfo(self._dtype).max:.4g}); store them in "
-                        f"bfloat16 or float32 instead."
-                    )
-                self._buffer[k].append(torch_to_numpy(t, self._dtype))
-            self._buffered += len(next(iter(dense.values())))
-            self._n += len(next(iter(dense.values())))
-            while self._buffered >= self._chunk_rows:
-                self._flush(self._chunk_rows)
+            if not self._finalized:
+                self._writing().finalize()
+                super().finalize()
+            if publish:
+                self.publish()
 
-    def _flush(self, rows: int) -> None:
-        """Write the first `rows` buffered rows at the end of every array.
+    def publish(self) -> None:
+        """Move the store, built aside, to its path (one atomic rename).
 
-        Writes run in one background thread, in order, so that gradient
-        computation overlaps disk I/O; at most one write is pending.
+        A local store is written beside its path, under a temporary name, and
+        renamed into place only when it is complete: a reader never sees a
+        half-written store, an interrupted fit leaves the path as it was, and
+        of two fits started at once into one new path, one publishes and the
+        other gets [StoreExistsError][pydvl_datainf.errors.StoreExistsError].
+        With `overwrite=True`, the store that was there is replaced only now.
+        Stores on object stores (fsspec URLs) are written in place. Safe to
+        call more than once.
+
+        Raises:
+            StoreExistsError: the path holds an output (and not `overwrite`),
+                or another process published there at the same time.
         """
-        assert self._arrays is not None
-        start = self._n - self._buffered
-        heads = []
-        for k in self.block_names:
-            parts = self._buffer[k]
-            data = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            heads.append(data[:rows])
-            tail = data[rows:]
-            self._buffer[k] = [tail] if len(tail) else []
-        self._buffered -= rows
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="datainf-write")
-        self._pending.append(self._writer.submit(self._write, start, rows, heads))
-        while len(self._pending) > 1:
-            self._pending.pop(0).result()
-            trim_heap()
-
-    def _write(self, start: int, rows: int, heads: List[np.ndarray]) -> None:
-        assert self._arrays is not None
-        for arr, head in zip(self._arrays, heads):
-            arr.resize((start + rows, arr.shape[1]))
-            arr[start : start + rows] = head
-
-    def _drain(self) -> None:
-        """Wait for pending writes (re-raising their errors) and stop the writer."""
-        try:
-            while self._pending:
-                self._pending.pop(0).result()
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-                self._writer = None
-
-    def finalize(self) -> None:
         with self._lock:
-            if self._finalized:
+            writer = self._writer
+            if writer is None or writer.published:
                 return
-            if self._arrays is None:
-                raise RuntimeError("Cannot finalize an empty Zarr gradient store")
-            if self._buffered:
-                self._flush(self._buffered)
-            self._drain()
-            write_manifest(
-                self._group, [f"grads/{i}" for i in range(len(self.block_names))]
-            )
-            self._group.attrs.update({"n": self._n, "finalized": True})
-            super().finalize()
-        logger.info(
-            "Wrote %d gradient rows (%.3g GB, %s) to %s",
-            self._n,
-            self.nbytes / 1e9,
-            dtype_name(self._dtype) if self._dtype else "?",
-            self.path,
-        )
+            if not self._finalized:
+                raise RuntimeError("Finalize the store before publishing it")
+            writer.publish()
+            self._location = self.path
+            self._group, self._readers = None, {}
 
     def save_fit_state(self, state: FitState) -> None:
         if not self._finalized:
             raise RuntimeError("Finalize the store before saving the fit state")
-        group = self._get_group()
-        if group.read_only:
-            group = open_zarr_group(self.path, "r+", self.storage_options)
-        for i, k in enumerate(self.block_names):
-            s = state.squared_norms[k].detach().to("cpu").numpy()
-            arr = create_checked_array(
-                group,
-                f"norms/{i}",
-                shape=s.shape,
-                chunks=(max(1, min(len(s), 2**20)),),
-                dtype=s.dtype,
-            )
-            arr[:] = s
-        write_manifest(group, [f"norms/{i}" for i in range(len(self.block_names))])
-        group.attrs.update(
-            {
-                "n_train": state.n_train,
-                "regularization": dict(state.regularization),
-                "regularization_spec": dict(state.regularization_spec),
-                "regularization_scale": state.regularization_scale,
-                "weights_digest": state.weights_digest,
-                "block_structure": {
-                    k: list(v) for k, v in state.block_structure.items()
-                },
-                "block_shapes": {
-                    k: [list(s) for s in v] for k, v in state.block_shapes.items()
-                },
-                "fit_extra": dict(state.extra),
-            }
-        )
-        group.attrs["complete"] = True
+        self._writing().save_fit_state(state)
+        with self._lock:
+            for name in self._norm_names():
+                self._readers.pop(name, None)
+
+    def save_array(self, name: str, values: np.ndarray, chunk_rows: int) -> None:
+        """Write an extra array of this fit (e.g. the row index), bound to its
+        place like the gradients, and list it in the manifest."""
+        self._writing().save_array(name, values, chunk_rows)
+        with self._lock:
+            self._readers.pop(name, None)
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self) -> Dict[str, Any]:
         if not self._finalized:
             raise RuntimeError("A Zarr gradient store can only be pickled after fit")
         state = self.__dict__.copy()
-        for k in ("_lock", "_group", "_arrays", "_raw", "_writer", "_pending"):
+        for k in ("_lock", "_group", "_readers", "_writer"):
             state.pop(k, None)
         state["_cleanup"] = None  # a copy never owns the temporary directory
-        state["_buffer"] = {k: [] for k in self.block_names}
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self._group = None
-        self._arrays = None
-        self._raw = None
+        self._readers = {}
         self._writer = None
-        self._pending = []
 
     def close(self) -> None:
-        """Stop the writer and, if the store owns a temporary directory, remove
-        it (with the gradients). Safe to call more than once."""
+        """Stop the writer; remove a store that was never published, and, if
+        the store owns a temporary directory, that directory (with the
+        gradients). Safe to call more than once."""
         with self._lock:
             try:
-                self._drain()
+                if self._writer is not None:
+                    self._writer.close()
             finally:
                 if self._cleanup is not None and self._cleanup.alive:
                     self._cleanup()
-                    self._group, self._arrays = None, None
+                    self._group, self._readers = None, {}
 
     @property
     def temporary_directory(self) -> Optional[str]:

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Set, cast
+from typing import Any, Dict, List, Mapping, Optional, Set, Union, cast
 
 import torch
 
+from ...compressed import token_squared_norms
 from ...factored import FactoredGrads, Rows
+from ...projection import ProjectedGrads, Projection
 from ..engine import accumulation_dtype
-from ..rules import accepts_out, get_factor_rule
+from ..rules import accepts_out, get_factor_rule, get_token_factor_rule
 from .capture import Call
 from .local import local_per_sample_grads
 from .plan import HookedModule
 from .trace import use_grads
 
-__all__ = ["Accumulator", "call_problem", "dispatch", "dispatch_traced"]
+__all__ = ["Accumulator", "Result", "call_problem", "dispatch", "dispatch_traced"]
 
 logger = logging.getLogger(__name__)
+
+Result = Union[Rows, ProjectedGrads]
+"""One parameter's per-sample gradients: dense, factored, or projected."""
 
 
 class Accumulator:
@@ -31,7 +36,7 @@ class Accumulator:
     def __init__(self, params: Mapping[str, torch.Tensor], batch: int):
         self.params = params
         self.batch = batch
-        self.result: Dict[str, Rows] = {}
+        self.result: Dict[str, Result] = {}
         self.written: Set[str] = set()
 
     def buffer(self, name: str) -> torch.Tensor:
@@ -71,7 +76,12 @@ class Accumulator:
         self.result[name] = FactoredGrads(left.detach(), right.detach())
         self.written.add(name)
 
-    def finish(self, names: Any, failed: Mapping[str, str]) -> Dict[str, Rows]:
+    def projected(self, name: str, value: ProjectedGrads) -> None:
+        """Stores the projected gradients of `name` (a weight used by one call)."""
+        self.result[name] = value
+        self.written.add(name)
+
+    def finish(self, names: Any, failed: Mapping[str, str]) -> Dict[str, Result]:
         """The gradients of `names`: zero where no gradient reached, none for
         the `failed` ones."""
         for name in names:
@@ -97,19 +107,57 @@ def call_problem(
     return None
 
 
+def _try_rule(
+    rule: Any, what: str, h: HookedModule, call: Call, g: torch.Tensor
+) -> Optional[Any]:
+    """`rule(module, inputs, g)`, or `None` if it fails (the next rule decides)."""
+    try:
+        return rule(h.module, call.inputs, g)
+    except Exception as e:  # noqa: BLE001 - the next rule decides
+        logger.debug("%s rule for %s failed (%s)", what, h.name, e)
+        return None
+
+
+def _project(
+    h: HookedModule,
+    call: Call,
+    g: torch.Tensor,
+    acc: Accumulator,
+    todo: Dict[str, str],
+    projections: Mapping[str, Projection],
+) -> Dict[str, str]:
+    """Projects the weight from its per-token factors when its projection is
+    a Kronecker product of its shape; returns the names left to do."""
+    projection = projections.get(todo.get("weight", ""))
+    rule = get_token_factor_rule(type(h.module))
+    if projection is None or rule is None or projection.spec.kind != "kronecker":
+        return todo
+    factors = _try_rule(rule, "token factor", h, call, g)
+    if factors is None:
+        return todo
+    left, right = factors
+    if projection.spec.shape != (left.shape[2], right.shape[2]):
+        return todo
+    rows = projection.apply_tokens(left, right)
+    norms = token_squared_norms(left, right)
+    todo = dict(todo)
+    acc.projected(todo.pop("weight"), ProjectedGrads(rows, norms))
+    return todo
+
+
 def _factor(
-    h: HookedModule, call: Call, g: torch.Tensor, acc: Accumulator
+    h: HookedModule,
+    call: Call,
+    g: torch.Tensor,
+    acc: Accumulator,
+    todo: Dict[str, str],
 ) -> Dict[str, str]:
     """Tries the factor rule for the weight; returns the names left to do."""
-    todo = dict(h.params)
+    todo = dict(todo)
     rule = get_factor_rule(type(h.module))
     if rule is None or "weight" not in todo:
         return todo
-    try:
-        factors = rule(h.module, call.inputs, g)
-    except Exception as e:  # noqa: BLE001 - the dense rule decides
-        logger.debug("factor rule for %s failed (%s)", h.name, e)
-        factors = None
+    factors = _try_rule(rule, "factor", h, call, g)
     if factors is not None:
         acc.factored(todo.pop("weight"), *factors)
     return todo
@@ -122,6 +170,7 @@ def dispatch(
     acc: Accumulator,
     factored: bool,
     uses: Mapping[str, int],
+    projections: Optional[Mapping[str, Projection]] = None,
 ) -> None:
     """Adds the per-sample gradients of one call of `h` to `acc`.
 
@@ -132,6 +181,9 @@ def dispatch(
         acc: where the gradients go.
         factored: whether a weight used by one call may stay factored.
         uses: the number of calls that contribute to each parameter.
+        projections: projections by parameter name; a weight used by one call
+            whose layer has a token factor rule and whose projection is a
+            Kronecker product is projected from its per-token factors.
 
     Raises:
         Exception: whatever the rule or the module-local fallback raises; the
@@ -144,8 +196,11 @@ def dispatch(
             acc.add(name, grads[local].to(accumulation_dtype(grads[local].dtype)))
         return
     todo = dict(h.params)
-    if factored and uses.get(todo.get("weight", ""), 0) == 1:
-        todo = _factor(h, call, g, acc)
+    single = uses.get(todo.get("weight", ""), 0) == 1
+    if projections and single:
+        todo = _project(h, call, g, acc, todo, projections)
+    if factored and single and "weight" in todo:
+        todo = _factor(h, call, g, acc, todo)
     if not todo:
         return
     kwargs: Dict[str, Any] = {}

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
 
 from ...factored import Rows, densify
-from ..engine import GradientEngine, LossFn, accumulation_dtype
+from ...projection import ProjectedGrads, Projection, project_rows
+from ..engine import GradientEngine, LossFn, accumulation_dtype, check_projections
 from ..func import FuncGradientEngine
 from ..loop import LoopGradientEngine
 from .backward import check_sum, output_gradients
 from .capture import Call, Capture
-from .dispatch import Accumulator, call_problem, dispatch, dispatch_traced
+from .dispatch import Accumulator, Result, call_problem, dispatch, dispatch_traced
 from .plan import HookedModule, HookPlan, make_plan, warn_once
 
 __all__ = ["HookGradientEngine"]
@@ -179,7 +180,7 @@ class HookGradientEngine(GradientEngine):
         params: Mapping[str, nn.Parameter],
     ) -> Dict[str, torch.Tensor]:
         grads = self._per_sample(model, loss, x, y, params, factored=False)
-        return {k: densify(v) for k, v in grads.items()}
+        return {k: densify(cast(Rows, v)) for k, v in grads.items()}
 
     def per_sample_grads_factored(
         self,
@@ -200,7 +201,63 @@ class HookGradientEngine(GradientEngine):
         The factors may be views of the layer's input, which can be `x`
         itself: copy them before changing `x` in place.
         """
-        return self._per_sample(model, loss, x, y, params, factored=True)
+        grads = self._per_sample(model, loss, x, y, params, factored=True)
+        return cast(Dict[str, Rows], grads)
+
+    def per_sample_grads_projected(
+        self,
+        model: nn.Module,
+        loss: LossFn,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        params: Mapping[str, nn.Parameter],
+        projections: Mapping[str, Projection],
+    ) -> Dict[str, ProjectedGrads]:
+        r"""Projected per-sample gradients with their exact squared norms.
+
+        A linear layer called once per forward whose weight has a Kronecker
+        projection ([kronecker_spec][pydvl_datainf.projection.kronecker_spec]
+        of its shape) is projected from its per-token factors,
+        $\sum_t (P_{out}\delta_{it})(P_{in}a_{it})^\top$, and its squared
+        norms come from the token Gram matrices
+        ([token_squared_norms][pydvl_datainf.compressed.token_squared_norms]):
+        no $d_{out} \times d_{in}$ per-sample gradient is formed. Every other
+        parameter is computed as by `per_sample_grads_factored` and then
+        projected. `validate=True` does not check the weights projected from
+        factors.
+
+        Example:
+            ```python
+            import torch
+            from torch import nn
+            from pydvl_datainf.gradients import HookGradientEngine
+            from pydvl_datainf.projection import Projection, dense_spec, kronecker_spec
+
+            model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 2))
+            params = dict(model.named_parameters())
+            projections = {
+                "0.weight": Projection(kronecker_spec((32, 16), (4, 4), seed=0)),
+                "0.bias": Projection(dense_spec(32, 32, "identity")),
+                "2.weight": Projection(kronecker_spec((2, 32), (2, 8), seed=1)),
+                "2.bias": Projection(dense_spec(2, 2, "identity")),
+            }
+            x = torch.randn(8, 10, 16)  # 10 tokens per sample
+            y = torch.randn(8, 10, 2)
+            out = HookGradientEngine().per_sample_grads_projected(
+                model.eval(), nn.functional.mse_loss, x, y, params, projections
+            )
+            assert out["0.weight"].dense().shape == (8, 16)
+            assert out["0.weight"].squared_norms.shape == (8,)
+            ```
+        """
+        check_projections(params, projections)
+        grads = self._per_sample(
+            model, loss, x, y, params, factored=True, projections=projections
+        )
+        return {
+            k: v if isinstance(v, ProjectedGrads) else project_rows(projections[k], v)
+            for k, v in grads.items()
+        }
 
     def _per_sample(
         self,
@@ -210,7 +267,8 @@ class HookGradientEngine(GradientEngine):
         y: torch.Tensor,
         params: Mapping[str, nn.Parameter],
         factored: bool,
-    ) -> Dict[str, Rows]:
+        projections: Optional[Mapping[str, Projection]] = None,
+    ) -> Dict[str, Result]:
         if len(x) == 0:
             return {
                 k: torch.empty(0, p.numel(), dtype=accumulation_dtype(p.dtype))
@@ -226,14 +284,14 @@ class HookGradientEngine(GradientEngine):
                 "print(engine.plan(model, params)) for details.",
             )
         fallback = dict(plan.fallback)
-        result: Dict[str, Rows] = {}
+        result: Dict[str, Result] = {}
         changed = [p for p in params.values() if not p.requires_grad]
         for p in changed:
             p.requires_grad_(True)
         try:
             if plan.hooked:
                 hooked, failed = self._hooked_pass(
-                    model, loss, x, y, params, plan, factored
+                    model, loss, x, y, params, plan, factored, projections
                 )
                 result.update(hooked)
                 fallback.update(failed)
@@ -260,7 +318,8 @@ class HookGradientEngine(GradientEngine):
         params: Mapping[str, nn.Parameter],
         plan: HookPlan,
         factored: bool = False,
-    ) -> Tuple[Dict[str, Rows], Dict[str, str]]:
+        projections: Optional[Mapping[str, Projection]] = None,
+    ) -> Tuple[Dict[str, Result], Dict[str, str]]:
         """One forward and one backward; returns gradients and failed params."""
         batch = len(x)
         capture = Capture(plan, batch, self.expand_shared, self.trace)
@@ -295,7 +354,7 @@ class HookGradientEngine(GradientEngine):
                             h, call, grads[i + 1 : i + 1 + n_uses], acc, factored, uses
                         )
                     else:
-                        dispatch(h, call, g, acc, factored, uses)
+                        dispatch(h, call, g, acc, factored, uses, projections)
                 except Exception as e:  # noqa: BLE001 - reported, then fallback
                     kind = "rule" if h.rule is not None else "module-local fallback"
                     problem = f"{kind} for {h.label} failed: {type(e).__name__}: {e}"
@@ -305,8 +364,9 @@ class HookGradientEngine(GradientEngine):
         names = [n for h in plan.hooked for n in h.params.values()]
         result = acc.finish(names, failed)
         for (name, p), g in zip(checked, grads[len(edges) :]):
-            if name not in failed:
-                check_sum(name, p, densify(result[name]), g)
+            value = result.get(name)
+            if name not in failed and not isinstance(value, ProjectedGrads):
+                check_sum(name, p, densify(cast(Rows, value)), g)
         return result, failed
 
     def _fallback(

@@ -46,17 +46,20 @@ from __future__ import annotations
 
 from .conv import conv1d_rule, conv2d_rule
 from .embedding import embedding_rule
-from .linear import linear_factors, linear_rule
+from .linear import linear_factors, linear_rule, linear_token_factors
 from .norms import layer_norm_rule, rms_norm_rule
 from .registry import (
     RULE_PARAMS,
     FactorRule,
     GradRule,
+    TokenFactorRule,
     accepts_out,
     get_factor_rule,
     get_rule,
+    get_token_factor_rule,
     register_factor_rule,
     register_rule,
+    register_token_factor_rule,
     unregister_rule,
     wanted,
 )
@@ -65,17 +68,21 @@ __all__ = [
     "FactorRule",
     "GradRule",
     "RULE_PARAMS",
+    "TokenFactorRule",
     "accepts_out",
     "conv1d_rule",
     "conv2d_rule",
     "embedding_rule",
     "get_factor_rule",
     "get_rule",
+    "get_token_factor_rule",
     "layer_norm_rule",
     "linear_factors",
     "linear_rule",
+    "linear_token_factors",
     "register_factor_rule",
     "register_rule",
+    "register_token_factor_rule",
     "rms_norm_rule",
     "unregister_rule",
     "wanted",

@@ -21,11 +21,12 @@ from .registry import (
     out_buffer,
     register_factor_rule,
     register_rule,
+    register_token_factor_rule,
     to_accumulation,
     wanted,
 )
 
-__all__ = ["linear_factors", "linear_rule"]
+__all__ = ["linear_factors", "linear_rule", "linear_token_factors"]
 
 _SMALL_OUTER = 2048
 
@@ -87,4 +88,27 @@ def linear_factors(
     b = a.shape[0]
     left = to_accumulation(grad_output, weight).reshape(b, p)
     right = to_accumulation(a, weight).reshape(b, q)
+    return left, right
+
+
+@register_token_factor_rule(nn.Linear)
+def linear_token_factors(
+    module: nn.Module, inputs: Sequence[Any], grad_output: torch.Tensor
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    r"""$(\delta_{it}, a_{it})$ of shapes $(B, T, p)$ and $(B, T, q)$, $T$ the
+    product of the middle dimensions (tokens, positions...; 1 if none), so that
+    $\nabla_W \ell_i = \sum_t \delta_{it} a_{it}^\top$.
+
+    Views of the layer's input and output gradient, in the accumulation dtype.
+    """
+    weight = cast(nn.Linear, module).weight
+    a = batched_input(inputs[0])
+    if a.dim() < 2 or grad_output.dim() < 2 or grad_output.shape[0] != a.shape[0]:
+        return None
+    p, q = weight.shape
+    b = a.shape[0]
+    left = to_accumulation(grad_output, weight).reshape(b, -1, p)
+    right = to_accumulation(a, weight).reshape(b, -1, q)
+    if left.shape[1] != right.shape[1]:
+        return None
     return left, right

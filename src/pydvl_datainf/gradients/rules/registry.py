@@ -41,13 +41,16 @@ __all__ = [
     "GradRule",
     "RULE_PARAMS",
     "FactorRule",
+    "TokenFactorRule",
     "accepts_out",
     "batched_input",
     "get_factor_rule",
     "get_rule",
+    "get_token_factor_rule",
     "out_buffer",
     "register_factor_rule",
     "register_rule",
+    "register_token_factor_rule",
     "to_accumulation",
     "unregister_rule",
     "wanted",
@@ -114,8 +117,38 @@ class FactorRule(Protocol):
         ...
 
 
+class TokenFactorRule(Protocol):
+    r"""Signature of a per-token factor rule for a layer's `weight`.
+
+    For layers whose per-sample weight gradient is a sum over tokens (or
+    positions) of outer products, $\nabla_W \ell_i = \sum_t \delta_{it}
+    a_{it}^\top$, the factors let a Kronecker projection
+    ([apply_tokens][pydvl_datainf.projection.Projection.apply_tokens]) and the
+    exact squared norm be computed without forming the gradient.
+    """
+
+    def __call__(
+        self, module: nn.Module, inputs: Sequence[Any], grad_output: torch.Tensor
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The per-token factors of the weight gradients of one call.
+
+        Args:
+            module: the layer.
+            inputs: its positional inputs in the forward call, batch first.
+            grad_output: gradient of the summed loss with respect to its output.
+
+        Returns:
+            `(left, right)` of shapes `(batch, T, p)` and `(batch, T, q)` such
+            that the per-sample gradient of the weight, flattened, is
+            `(left[i].T @ right[i]).reshape(-1)`; or `None` when this call does
+            not have that form.
+        """
+        ...
+
+
 _RULES: Dict[type, GradRule] = {}
 _FACTOR_RULES: Dict[type, FactorRule] = {}
+_TOKEN_FACTOR_RULES: Dict[type, TokenFactorRule] = {}
 
 _R = TypeVar("_R", bound=GradRule)
 _T = TypeVar("_T")
@@ -227,6 +260,20 @@ def register_factor_rule(
 def get_factor_rule(module_type: type) -> Optional[FactorRule]:
     """The rank-one factor rule for a module type, or `None`."""
     return cast(Optional[FactorRule], _lookup(_FACTOR_RULES, module_type))
+
+
+def register_token_factor_rule(
+    *module_types: Type[nn.Module],
+) -> Callable[[TokenFactorRule], TokenFactorRule]:
+    """Decorator registering a per-token
+    [TokenFactorRule][pydvl_datainf.gradients.rules.registry.TokenFactorRule],
+    looked up like [get_rule][pydvl_datainf.gradients.rules.registry.get_rule]."""
+    return _registrar(_TOKEN_FACTOR_RULES, module_types, "register_token_factor_rule")
+
+
+def get_token_factor_rule(module_type: type) -> Optional[TokenFactorRule]:
+    """The per-token factor rule for a module type, or `None`."""
+    return cast(Optional[TokenFactorRule], _lookup(_TOKEN_FACTOR_RULES, module_type))
 
 
 def wanted(module: nn.Module, names: Optional[Collection[str]]) -> List[str]:

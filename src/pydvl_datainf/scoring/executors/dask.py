@@ -133,7 +133,7 @@ def _output(path: str, options: Mapping[str, Any], run_id: str) -> TileOutput:
     key = (path, run_id)
     with _lock:
         if key not in _outputs:
-            _outputs[key] = TileOutput.open(path, "r+", options)
+            _outputs[key] = TileOutput.open(path, "r+", options, run_id=run_id)
         return _outputs[key]
 
 
