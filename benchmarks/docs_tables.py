@@ -789,6 +789,8 @@ def _approximation(res: Results) -> str:
 
 
 INFLUENTIAL_EARLIER = NB + "influential_data_full_finetune.json"
+PAPER_SIZES = (90, 10)
+"""The paper's training and test examples per class."""
 #: (fine-tune, scope) -> (fine-tune label, gradients label), in table order
 INFLUENTIAL_SETTINGS = {
     ("paper", "prompt"): ("paper's", "prompt (the paper's)"),
@@ -801,7 +803,11 @@ INFLUENTIAL_SETTINGS = {
 
 
 def _influential_runs(res: Results) -> List[Dict[str, Any]]:
-    """The paper's protocol runs, then the earlier full fine-tunes, in one form."""
+    """The paper's protocol runs, then the earlier full fine-tunes, in one form.
+
+    Raises:
+        KeyError: a run of a scope that the tables have no row for.
+    """
     runs = [dict(r, setting="paper") for r in res.json(INFLUENTIAL)["runs"]]
     for t in res.json(INFLUENTIAL_EARLIER)["tasks"]:
         runs.append(
@@ -812,6 +818,10 @@ def _influential_runs(res: Results) -> List[Dict[str, Any]]:
                 scopes={t["config"]["loss_on"]: {"methods": t["methods"]}},
             )
         )
+    for r in runs:
+        for scope in r["scopes"]:
+            if (r["setting"], scope) not in INFLUENTIAL_SETTINGS:
+                raise KeyError(f"no row for the gradients' scope {scope!r}")
     return runs
 
 
@@ -872,28 +882,50 @@ def _influential(res: Results) -> str:
         answer = r["scopes"]["answer"]["methods"]
         d, a = prompt["datainf"], answer["datainf"]
         met = d["auc"] >= 0.99 and d["recall"] >= 0.95
-        best = _ranked(answer)[0]
+        ahead = [
+            f"{INFLUENTIAL_LABELS[m]} ({f3(answer[m]['auc'])})"
+            for m in _ranked(answer)
+            if float(f3(answer[m]["auc"])) > float(f3(a["auc"]))
+        ]
+        padded = r["scopes"].get("prompt_padded", {}).get("methods", {})
         lines.append(
             f"* {r['task']}: in the paper's scope DataInf has AUC {f3(d['auc'])} and "
             f"recall {f3(d['recall'])} ({'at' if met else 'below'} the paper's level, "
-            f"AUC ≥ 0.99 and recall ≥ 0.95); on the same adapter with the gradients on "
-            f"the answer, AUC {f3(a['auc'])} and recall {f3(a['recall'])}, where the "
-            f"best AUC is {INFLUENTIAL_LABELS[best]}'s ({f3(answer[best]['auc'])})."
+            "AUC ≥ 0.99 and recall ≥ 0.95)"
+            + (
+                f"; with the end-of-sequence padding scored as well, AUC "
+                f"{f3(padded['datainf']['auc'])} and recall "
+                f"{f3(padded['datainf']['recall'])}"
+                if "datainf" in padded
+                else ""
+            )
+            + f"; on the same adapter with the gradients on the answer, AUC "
+            f"{f3(a['auc'])} and recall {f3(a['recall'])}, "
+            + (f"below {_listing(ahead)}." if ahead else "with no method ahead in AUC.")
         )
+    earlier = next(r["config"] for r in runs if r["setting"] == "full")
+    recipe = paper[0]["recipe"]
     note = (
-        f"SmolLM2-135M-Instruct with LoRA (rank 8, query and value), "
+        f"SmolLM2-135M-Instruct with LoRA (rank {recipe['rank']}, query and value). "
+        f"*Paper's* fine-tune: the paper's design and recipe at a smaller size, "
         f"{cfg['classes']} classes, {cfg['n_train_per_class']} training and "
-        f"{cfg['n_test_per_class']} test examples per class, seed {cfg['seed']}; mean "
-        "± standard deviation over the test prompts; best per fine-tune, scope and "
-        "task in bold. *Paper's* fine-tune: about 10 updates on the whole text, as the "
-        "paper's script; *full*: the earlier runs of the tutorial (3 epochs, about 170 "
-        "updates, on the earlier tasks), which recorded means only."
+        f"{cfg['n_test_per_class']} test examples per class (the paper has "
+        f"{PAPER_SIZES[0]} and {PAPER_SIZES[1]}), {recipe['updates']} updates of "
+        f"{recipe['batch_size']} rows at {recipe['lr']:g} on the whole text, seed "
+        f"{cfg['seed']}; mean ± standard deviation over its "
+        f"{cfg['classes'] * cfg['n_test_per_class']} test prompts. *Full*: the "
+        f"earlier runs of the tutorial ({earlier['n_train_per_class']} training and "
+        f"{earlier['n_test_per_class']} test examples per class of the earlier tasks, "
+        f"{earlier['epochs']} epochs at {earlier['lr']:g}), which recorded means "
+        "only. Best per fine-tune, scope and task in bold."
     )
     return "\n\n".join(
         [
             note,
             "Class-match AUC:\n\n" + _influential_table(runs, tasks, "auc"),
-            "Class-match recall (the top 90, the size of a class):\n\n"
+            f"Class-match recall among the top $k$ training examples, $k$ the size "
+            f"of a class ({cfg['n_train_per_class']} for the paper's fine-tune, "
+            f"{earlier['n_train_per_class']} for the full one):\n\n"
             + _influential_table(runs, tasks, "recall"),
             "\n".join(lines),
             source(INFLUENTIAL, command=EXECUTE.format("3_influential_data"))
@@ -2445,6 +2477,11 @@ def _mislabel_auc(dataset: str, method: str) -> Callable[[Results], str]:
     return get
 
 
+def _influential_size(key: str) -> Callable[[Results], str]:
+    """A size of the paper's protocol runs of the influential-data tutorial."""
+    return lambda res: str(res.json(INFLUENTIAL)["runs"][0]["config"][key])
+
+
 def _influential_metric(
     task: str, setting: str, scope: str, method: str, metric: str = "recall"
 ) -> Callable[[Results], str]:
@@ -2474,6 +2511,8 @@ def _head_mean_auc(res: Results, dataset: str, choice: str) -> float:
 def _head_datasets(res: Results) -> List[str]:
     return list(dict.fromkeys(r["dataset"] for r in res.json(HEAD)["runs"]))
 
+
+ST = "sentence transformations"
 
 PAGE_CLAIMS: Dict[str, List[Claim]] = {
     "own-models.md": [
@@ -2524,7 +2563,51 @@ PAGE_CLAIMS: Dict[str, List[Claim]] = {
             _mislabel_auc("bbc", "Training loss"),
         ),
         Claim("LiSSA (0.874 ± 0.032)", MISLABEL, _mislabel_auc("bbc", "LiSSA")),
-        # INFLUENTIAL_FAQ_CLAIMS
+        Claim(
+            "16 training and 4 test examples",
+            INFLUENTIAL,
+            _influential_size("n_train_per_class"),
+        ),
+        Claim(
+            "16 training and 4 test examples",
+            INFLUENTIAL,
+            _influential_size("n_test_per_class"),
+        ),
+        Claim(
+            "sentence transformations (AUC 1.000",
+            INFLUENTIAL,
+            _influential_metric(ST, "paper", "prompt", "datainf", "auc"),
+        ),
+        Claim(
+            "recall 0.995)",
+            INFLUENTIAL,
+            _influential_metric(ST, "paper", "prompt", "datainf"),
+        ),
+        Claim(
+            "DataInf's AUC is 0.830",
+            INFLUENTIAL,
+            _influential_metric(ST, "paper", "answer", "datainf", "auc"),
+        ),
+        Claim(
+            "LiSSA (0.937)",
+            INFLUENTIAL,
+            _influential_metric(ST, "paper", "answer", "lissa", "auc"),
+        ),
+        Claim(
+            "(0.928)",
+            INFLUENTIAL,
+            _influential_metric(ST, "paper", "answer", "cosine", "auc"),
+        ),
+        Claim(
+            "inverse (0.899)",
+            INFLUENTIAL,
+            _influential_metric(ST, "paper", "answer", "exact", "auc"),
+        ),
+        Claim(
+            "Hessian-free (0.861)",
+            INFLUENTIAL,
+            _influential_metric(ST, "paper", "answer", "hessian_free", "auc"),
+        ),
     ],
     "index.md": [
         Claim(

@@ -371,3 +371,32 @@ def test_run_paper_protocol_reports_every_scope(tokenizer):
         and len(result["finetune"]["losses"]) == 2
     )
     assert not any("lora" in k for k in model.state_dict())  # the adapters are gone
+
+
+def test_influence_scores_do_not_depend_on_the_batch_size(tokenizer):
+    """The test gradients are computed in batches of `batch_size` rows."""
+    pytest.importorskip("peft")
+    from pydvl_datainf.experiments.llm import (
+        FineTuning,
+        encode_scope,
+        finetune_lora,
+        influence_scores,
+        unload_lora,
+    )
+
+    model = _tiny_llama(tokenizer.vocab_size).double()
+    train, test = paper_math_problems(True, n_train=3, n_test=3, classes=2)
+    recipe = FineTuning(updates=2, batch_size=6, lr=1e-2, dropout=0.0)
+    lm, _ = finetune_lora((model, tokenizer), train, recipe, progress=False)
+    x, y = encode_scope(tokenizer, train, "answer")
+    xt, yt = encode_scope(tokenizer, test, "answer")
+    methods = ["datainf", "exact", "hessian_free"]
+    scores = [
+        influence_scores(lm, x, y, xt, yt, methods, batch_size=b, progress=False)[0]
+        for b in (16, 4)  # the 6 test rows in one batch, then in two
+    ]
+    unload_lora(lm)
+    for m in methods:
+        a, b = scores[0][m], scores[1][m]
+        assert a.shape == (6, 6)
+        assert np.allclose(a, b, rtol=0, atol=1e-8 * np.abs(a).max()), m
