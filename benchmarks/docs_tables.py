@@ -2782,6 +2782,32 @@ PAGE_CLAIMS["which-method.md"] = [
         _verdict("Mislabel detection, BBC News"),
     ),
     Claim("best: Training loss", MISLABEL, _best("Mislabel detection, BBC News")),
+    Claim(
+        "on sentence transformations DataInf ties",
+        INFLUENTIAL,
+        _verdict(f"Class detection, {ST} (paper's fine-tune, gradients on the prompt"),
+    ),
+    Claim(
+        "transformations DataInf loses",
+        INFLUENTIAL,
+        _verdict(f"Class detection, {ST} (paper's fine-tune, gradients on the answer"),
+    ),
+    Claim(
+        "on math without reasoning DataInf loses",
+        INFLUENTIAL,
+        _verdict(
+            "Class detection, math without reasoning (paper's fine-tune, "
+            "gradients on the answer"
+        ),
+    ),
+    Claim(
+        "and DataInf ties again",
+        INFLUENTIAL,
+        _verdict(
+            "Class detection, math with reasoning (paper's fine-tune, "
+            "gradients on the answer"
+        ),
+    ),
 ]
 """The statements of the guidance on docs/which-method.md."""
 
