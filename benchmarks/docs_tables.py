@@ -2589,6 +2589,11 @@ PAGE_CLAIMS: Dict[str, List[Claim]] = {
             _influential_metric(ST, "paper", "answer", "datainf", "auc"),
         ),
         Claim(
+            "EK-FAC (0.984)",
+            INFLUENTIAL,
+            _influential_metric(ST, "paper", "answer", "ekfac", "auc"),
+        ),
+        Claim(
             "LiSSA (0.937)",
             INFLUENTIAL,
             _influential_metric(ST, "paper", "answer", "lissa", "auc"),
