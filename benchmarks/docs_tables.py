@@ -788,64 +788,149 @@ def _approximation(res: Results) -> str:
     return "\n\n".join(out)
 
 
-INFLUENTIAL_SCOPES = {
-    "target": "loss on the completion",
-    "sequence": "loss on the whole text",
+INFLUENTIAL_EARLIER = NB + "influential_data_full_finetune.json"
+PAPER_SIZES = (90, 10)
+"""The paper's training and test examples per class."""
+#: (fine-tune, scope) -> (fine-tune label, gradients label), in table order
+INFLUENTIAL_SETTINGS = {
+    ("paper", "prompt"): ("paper's", "prompt (the paper's)"),
+    ("paper", "prompt_padded"): ("paper's", "prompt + padding"),
+    ("paper", "answer"): ("paper's", "answer"),
+    ("paper", "text"): ("paper's", "whole text"),
+    ("full", "target"): ("full, on the answer (earlier tasks)", "answer"),
+    ("full", "sequence"): ("full, on the whole text (earlier tasks)", "whole text"),
 }
+
+
+def _influential_runs(res: Results) -> List[Dict[str, Any]]:
+    """The paper's protocol runs, then the earlier full fine-tunes, in one form.
+
+    Raises:
+        KeyError: a run of a scope that the tables have no row for.
+    """
+    runs = [dict(r, setting="paper") for r in res.json(INFLUENTIAL)["runs"]]
+    for t in res.json(INFLUENTIAL_EARLIER)["tasks"]:
+        runs.append(
+            dict(
+                setting="full",
+                task=t["task"],
+                config=t["config"],
+                scopes={t["config"]["loss_on"]: {"methods": t["methods"]}},
+            )
+        )
+    for r in runs:
+        for scope in r["scopes"]:
+            if (r["setting"], scope) not in INFLUENTIAL_SETTINGS:
+                raise KeyError(f"no row for the gradients' scope {scope!r}")
+    return runs
+
+
+def _influential_cell(v: Dict[str, Any], metric: str) -> str:
+    std = v.get(metric + "_std")
+    return f3(v[metric]) if std is None else mean_std(v[metric], std)
+
+
+def _influential_table(
+    runs: List[Dict[str, Any]], tasks: List[str], metric: str
+) -> str:
+    rows = []
+    for (setting, scope), (tune, grads) in INFLUENTIAL_SETTINGS.items():
+        by_task = {
+            r["task"]: r["scopes"][scope]["methods"]
+            for r in runs
+            if r["setting"] == setting and scope in r["scopes"]
+        }
+        if not by_task:
+            continue
+        methods = [
+            m for m in INFLUENTIAL_LABELS if any(m in ms for ms in by_task.values())
+        ]
+        best = {t: max(v[metric] for v in ms.values()) for t, ms in by_task.items()}
+        for i, m in enumerate(methods):
+            cells = []
+            for t in tasks:
+                v = by_task.get(t, {}).get(m)
+                cells.append(
+                    "—"
+                    if v is None
+                    else bold(
+                        _influential_cell(v, metric), f3(v[metric]) == f3(best[t])
+                    )
+                )
+            rows.append(
+                [tune if i == 0 else "", grads if i == 0 else "", INFLUENTIAL_LABELS[m]]
+                + cells
+            )
+    return table(
+        ["fine-tune", "gradients on", "method", *tasks], rows, "lll" + "r" * len(tasks)
+    )
+
+
+def _ranked(methods: Dict[str, Dict[str, Any]], metric: str = "auc") -> List[str]:
+    return sorted(methods, key=lambda m: -methods[m][metric])
 
 
 @register("influential")
 def _influential(res: Results) -> str:
-    doc = res.json(INFLUENTIAL)
-    rows, lines = [], []
-    for t in doc["tasks"]:
-        ms = t["methods"]
-        cfg = t["config"]
-        scope = INFLUENTIAL_SCOPES[cfg["loss_on"]]
-        best_auc = max(v["auc"] for v in ms.values())
-        best_recall = max(v["recall"] for v in ms.values())
-        for i, (m, v) in enumerate(ms.items()):
-            rows.append(
-                [
-                    t["task"] if i == 0 else "",
-                    scope if i == 0 else "",
-                    INFLUENTIAL_LABELS.get(m, m),
-                    bold(f3(v["auc"]), f3(v["auc"]) == f3(best_auc)),
-                    bold(f3(v["recall"]), f3(v["recall"]) == f3(best_recall)),
-                ]
-            )
-        d = ms["datainf"]
+    runs = _influential_runs(res)
+    paper = [r for r in runs if r["setting"] == "paper"]
+    tasks = [r["task"] for r in paper]
+    cfg = paper[0]["config"]
+    lines = []
+    for r in paper:
+        prompt = r["scopes"]["prompt"]["methods"]
+        answer = r["scopes"]["answer"]["methods"]
+        d, a = prompt["datainf"], answer["datainf"]
+        met = d["auc"] >= 0.99 and d["recall"] >= 0.95
         ahead = [
-            f"{INFLUENTIAL_LABELS.get(m, m)} ({f3(v['recall'])})"
-            for m, v in sorted(ms.items(), key=lambda kv: -kv[1]["recall"])
-            if v["recall"] > d["recall"]
+            f"{INFLUENTIAL_LABELS[m]} ({f3(answer[m]['auc'])})"
+            for m in _ranked(answer)
+            if float(f3(answer[m]["auc"])) > float(f3(a["auc"]))
         ]
+        padded = r["scopes"].get("prompt_padded", {}).get("methods", {})
         lines.append(
-            f"* {t['task']}, {scope} ({cfg['classes']} classes, "
-            f"{cfg['n_train_per_class']} training and {cfg['n_test_per_class']} test "
-            f"examples per class, {cfg['epochs']} epochs, seed {cfg['seed']}; chance "
-            f"recall {f3(1 / cfg['classes'])}; test exact match of the fine-tuned "
-            f"model {f3(t['quality']['test_exact'])}): DataInf's recall "
-            f"{f3(d['recall'])}"
-            + (f" is below {_listing(ahead)}." if ahead else " is the best.")
+            f"* {r['task']}: in the paper's scope DataInf has AUC {f3(d['auc'])} and "
+            f"recall {f3(d['recall'])} ({'at' if met else 'below'} the paper's level, "
+            "AUC ≥ 0.99 and recall ≥ 0.95)"
+            + (
+                f"; with the end-of-sequence padding scored as well, AUC "
+                f"{f3(padded['datainf']['auc'])} and recall "
+                f"{f3(padded['datainf']['recall'])}"
+                if "datainf" in padded
+                else ""
+            )
+            + f"; on the same adapter with the gradients on the answer, AUC "
+            f"{f3(a['auc'])} and recall {f3(a['recall'])}, "
+            + (f"below {_listing(ahead)}." if ahead else "with no method ahead in AUC.")
         )
+    earlier = next(r["config"] for r in runs if r["setting"] == "full")
+    recipe = paper[0]["recipe"]
     note = (
-        "Full mode of the tutorial, at the sizes given below the table (one "
-        "seed); the loss, for fine-tuning and for the gradients, scores either "
-        "the completion's tokens or every token of the text (as the paper's code "
-        "does); a training example counts as a match when it comes from the test "
-        "prompt's class; best per run in bold."
+        f"SmolLM2-135M-Instruct with LoRA (rank {recipe['rank']}, query and value). "
+        f"*Paper's* fine-tune: the paper's design and recipe at a smaller size, "
+        f"{cfg['classes']} classes, {cfg['n_train_per_class']} training and "
+        f"{cfg['n_test_per_class']} test examples per class (the paper has "
+        f"{PAPER_SIZES[0]} and {PAPER_SIZES[1]}), {recipe['updates']} updates of "
+        f"{recipe['batch_size']} rows at {recipe['lr']:g} on the whole text, seed "
+        f"{cfg['seed']}; mean ± standard deviation over its "
+        f"{cfg['classes'] * cfg['n_test_per_class']} test prompts. *Full*: the "
+        f"earlier runs of the tutorial ({earlier['n_train_per_class']} training and "
+        f"{earlier['n_test_per_class']} test examples per class of the earlier tasks, "
+        f"{earlier['epochs']} epochs at {earlier['lr']:g}), which recorded means "
+        "only. Best per fine-tune, scope and task in bold."
     )
     return "\n\n".join(
         [
             note,
-            table(
-                ["task", "loss", "method", "class-match AUC", "class-match recall"],
-                rows,
-                "lllrr",
-            ),
+            "Class-match AUC:\n\n" + _influential_table(runs, tasks, "auc"),
+            f"Class-match recall among the top $k$ training examples, $k$ the size "
+            f"of a class ({cfg['n_train_per_class']} for the paper's fine-tune, "
+            f"{earlier['n_train_per_class']} for the full one):\n\n"
+            + _influential_table(runs, tasks, "recall"),
             "\n".join(lines),
-            source(INFLUENTIAL, command=EXECUTE.format("3_influential_data")),
+            source(INFLUENTIAL, command=EXECUTE.format("3_influential_data"))
+            + f" *Full fine-tune rows: `{INFLUENTIAL_EARLIER}`, the tutorial's earlier "
+            "runs (read, not rerun).*",
         ]
     )
 
@@ -2757,16 +2842,21 @@ def _mislabel_auc(dataset: str, method: str) -> Callable[[Results], str]:
     return get
 
 
+def _influential_size(key: str) -> Callable[[Results], str]:
+    """A size of the paper's protocol runs of the influential-data tutorial."""
+    return lambda res: str(res.json(INFLUENTIAL)["runs"][0]["config"][key])
+
+
 def _influential_metric(
-    task: str, scope: str, method: str, metric: str = "recall"
+    task: str, setting: str, scope: str, method: str, metric: str = "recall"
 ) -> Callable[[Results], str]:
     """A method's class-match metric in one run of the influential-data tutorial."""
 
     def get(res: Results) -> str:
-        for t in res.json(INFLUENTIAL)["tasks"]:
-            if t["task"] == task and t["config"]["loss_on"] == scope:
-                return f3(t["methods"][method][metric])
-        raise KeyError(f"no run of {task!r} with the loss on {scope!r}")
+        for r in _influential_runs(res):
+            if r["task"] == task and r["setting"] == setting and scope in r["scopes"]:
+                return f3(r["scopes"][scope]["methods"][method][metric])
+        raise KeyError(f"no {setting} run of {task!r} with the gradients on {scope!r}")
 
     return get
 
@@ -2786,6 +2876,8 @@ def _head_mean_auc(res: Results, dataset: str, choice: str) -> float:
 def _head_datasets(res: Results) -> List[str]:
     return list(dict.fromkeys(r["dataset"] for r in res.json(HEAD)["runs"]))
 
+
+ST = "sentence transformations"
 
 PAGE_CLAIMS: Dict[str, List[Claim]] = {
     "own-models.md": [
@@ -2837,49 +2929,54 @@ PAGE_CLAIMS: Dict[str, List[Claim]] = {
         ),
         Claim("LiSSA (0.874 ± 0.032)", MISLABEL, _mislabel_auc("bbc", "LiSSA")),
         Claim(
-            "DataInf's recall on sentence transformations is 0.251",
+            "16 training and 4 test examples",
             INFLUENTIAL,
-            _influential_metric("sentence transformations", "target", "datainf"),
+            _influential_size("n_train_per_class"),
         ),
         Claim(
-            "the exact per-block inverse (0.424)",
+            "16 training and 4 test examples",
             INFLUENTIAL,
-            _influential_metric("sentence transformations", "target", "exact"),
+            _influential_size("n_test_per_class"),
         ),
         Claim(
-            "EK-FAC (0.391)",
+            "sentence transformations (AUC 1.000",
             INFLUENTIAL,
-            _influential_metric("sentence transformations", "target", "ekfac"),
+            _influential_metric(ST, "paper", "prompt", "datainf", "auc"),
         ),
         Claim(
-            "the gradient cosine (0.364)",
+            "recall 0.995)",
             INFLUENTIAL,
-            _influential_metric("sentence transformations", "target", "cosine"),
+            _influential_metric(ST, "paper", "prompt", "datainf"),
         ),
         Claim(
-            "DataInf reaches 0.500 on math with reasoning",
+            "DataInf's AUC is 0.830",
             INFLUENTIAL,
-            _influential_metric("math with reasoning", "sequence", "datainf"),
+            _influential_metric(ST, "paper", "answer", "datainf", "auc"),
         ),
         Claim(
-            "gradient cosine (0.597)",
+            "EK-FAC (0.984)",
             INFLUENTIAL,
-            _influential_metric("math with reasoning", "sequence", "cosine"),
+            _influential_metric(ST, "paper", "answer", "ekfac", "auc"),
         ),
         Claim(
-            "LiSSA (0.558)",
+            "LiSSA (0.937)",
             INFLUENTIAL,
-            _influential_metric("math with reasoning", "sequence", "lissa"),
+            _influential_metric(ST, "paper", "answer", "lissa", "auc"),
         ),
         Claim(
-            "EK-FAC (0.526)",
+            "(0.928)",
             INFLUENTIAL,
-            _influential_metric("math with reasoning", "sequence", "ekfac"),
+            _influential_metric(ST, "paper", "answer", "cosine", "auc"),
         ),
         Claim(
-            "Hessian-free (0.524)",
+            "inverse (0.899)",
             INFLUENTIAL,
-            _influential_metric("math with reasoning", "sequence", "hessian_free"),
+            _influential_metric(ST, "paper", "answer", "exact", "auc"),
+        ),
+        Claim(
+            "Hessian-free (0.861)",
+            INFLUENTIAL,
+            _influential_metric(ST, "paper", "answer", "hessian_free", "auc"),
         ),
     ],
     "index.md": [
@@ -3055,6 +3152,32 @@ PAGE_CLAIMS["which-method.md"] = [
         _verdict("Mislabel detection, BBC News"),
     ),
     Claim("best: Training loss", MISLABEL, _best("Mislabel detection, BBC News")),
+    Claim(
+        "on sentence transformations DataInf ties",
+        INFLUENTIAL,
+        _verdict(f"Class detection, {ST} (paper's fine-tune, gradients on the prompt"),
+    ),
+    Claim(
+        "transformations DataInf loses",
+        INFLUENTIAL,
+        _verdict(f"Class detection, {ST} (paper's fine-tune, gradients on the answer"),
+    ),
+    Claim(
+        "on math without reasoning DataInf loses",
+        INFLUENTIAL,
+        _verdict(
+            "Class detection, math without reasoning (paper's fine-tune, "
+            "gradients on the answer"
+        ),
+    ),
+    Claim(
+        "and DataInf ties again",
+        INFLUENTIAL,
+        _verdict(
+            "Class detection, math with reasoning (paper's fine-tune, "
+            "gradients on the answer"
+        ),
+    ),
 ]
 """The statements of the guidance on docs/which-method.md."""
 

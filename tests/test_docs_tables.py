@@ -316,15 +316,23 @@ def test_changed_notebook_results_are_reported(
     assert any("'mislabeled'" in p for p in problems), problems
 
 
-def test_influential_names_the_loss_scope(results_copy: docs_tables.Results) -> None:
+def test_influential_names_the_scopes_and_sizes(
+    results_copy: docs_tables.Results,
+) -> None:
     path = results_copy.path(docs_tables.INFLUENTIAL)
     doc = json.loads(path.read_text())
     text = docs_tables.render("influential", results_copy)
-    for scope in {t["config"]["loss_on"] for t in doc["tasks"]}:
-        assert docs_tables.INFLUENTIAL_SCOPES[scope] in text
-    doc["tasks"][0]["config"]["loss_on"] = "everything"
+    for r in doc["runs"]:
+        for scope in r["scopes"]:
+            assert docs_tables.INFLUENTIAL_SETTINGS["paper", scope][1] in text
+        cfg = r["config"]
+        assert (
+            f"{cfg['n_train_per_class']} training and {cfg['n_test_per_class']} test "
+            "examples per class"
+        ) in text
+    doc["runs"][0]["scopes"]["everything"] = doc["runs"][0]["scopes"]["prompt"]
     path.write_text(json.dumps(doc))
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="everything"):
         docs_tables.render("influential", results_copy)
 
 

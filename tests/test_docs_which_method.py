@@ -213,6 +213,7 @@ def test_class_detection_reads_the_paper_protocol_runs(
         ]
     }
     results_copy.path(docs_tables.INFLUENTIAL).write_text(json.dumps(doc))
+    results_copy.path(docs_tables.CLASS_FILES[1]).unlink(missing_ok=True)
     rows = [
         line
         for line in docs_tables.render("which-method", results_copy).splitlines()

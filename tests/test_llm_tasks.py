@@ -127,6 +127,23 @@ def test_smollm2_lora_model():
             assert q["loss"][i] == pytest.approx(ref, rel=1e-3)
     with pytest.raises(ValueError, match="max_length"):
         llm.encode_task(tokenizer, task, max_length=5)
+    # the paper's scope: BOS (SmolLM2's tokenizer does not add it), then the
+    # prompt, every token scored; the prompt's tokens are those of the text
+    from pydvl_datainf.experiments.generative_tasks import paper_task
+
+    paper_train, _ = paper_task(
+        "sentence transformations", n_train=2, n_test=1, classes=2
+    )
+    xp, yp = llm.encode_scope(tokenizer, paper_train, "prompt")
+    xa, ya = llm.encode_scope(tokenizer, paper_train, "answer")
+    assert (xp[:, 0, 0] == tokenizer.bos_token_id).all() and tokenizer.bos_token_id == 1
+    for i in range(len(paper_train)):
+        n = int(xp[i, 1].sum())
+        assert tokenizer.decode(xp[i, 0, 1:n]) == paper_train.prompts[i]
+        assert torch.equal(xa[i, 0, :n], xp[i, 0, :n])
+        assert yp[i, :n].tolist() == xp[i, 0, :n].tolist()
+        answer = ya[i][ya[i] != -100].tolist()
+        assert tokenizer.decode(answer[:-1]) == paper_train.targets[i]
 
     # one fine-tuning step lowers the loss of the batch it was taken on
     from torch.utils.data import DataLoader, TensorDataset

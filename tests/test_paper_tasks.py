@@ -336,3 +336,67 @@ def test_micro_batches_do_not_change_the_update(tokenizer):
         unload_lora(lm)
     scale = weights[0].abs().max()
     assert torch.allclose(weights[0], weights[1], rtol=0, atol=1e-9 * scale)
+
+
+def test_run_paper_protocol_reports_every_scope(tokenizer):
+    pytest.importorskip("peft")
+    from pydvl_datainf.experiments.influential import run_paper_protocol
+    from pydvl_datainf.experiments.llm import FineTuning
+
+    model = _tiny_llama(tokenizer.vocab_size)
+    done = []
+    result = run_paper_protocol(
+        "math without reasoning",
+        n_train=3,
+        n_test=1,
+        classes=2,
+        recipe=FineTuning(updates=2, batch_size=4, lr=1e-2),
+        scopes={"prompt": ["datainf", "exact", "lissa"], "text": ["hessian_free"]},
+        lissa_iterations=5,
+        base=(model, tokenizer),
+        progress=False,
+        on_scope=lambda r: done.append(list(r["scopes"])),
+    )
+    assert done == [["prompt"], ["prompt", "text"]]
+    prompt = result["scopes"]["prompt"]
+    assert set(prompt["methods"]) == {"datainf", "exact", "lissa"}
+    assert (
+        len(prompt["lissa_error"]) == 5
+        and "lissa_error" not in result["scopes"]["text"]
+    )
+    for v in prompt["methods"].values():
+        assert 0 <= v["auc"] <= 1 and v["auc_std"] >= 0 and len(v["per_class"]) == 2
+    assert (
+        result["config"]["n_train_per_class"] == 3
+        and len(result["finetune"]["losses"]) == 2
+    )
+    assert not any("lora" in k for k in model.state_dict())  # the adapters are gone
+
+
+def test_influence_scores_do_not_depend_on_the_batch_size(tokenizer):
+    """The test gradients are computed in batches of `batch_size` rows."""
+    pytest.importorskip("peft")
+    from pydvl_datainf.experiments.llm import (
+        FineTuning,
+        encode_scope,
+        finetune_lora,
+        influence_scores,
+        unload_lora,
+    )
+
+    model = _tiny_llama(tokenizer.vocab_size).double()
+    train, test = paper_math_problems(True, n_train=3, n_test=3, classes=2)
+    recipe = FineTuning(updates=2, batch_size=6, lr=1e-2, dropout=0.0)
+    lm, _ = finetune_lora((model, tokenizer), train, recipe, progress=False)
+    x, y = encode_scope(tokenizer, train, "answer")
+    xt, yt = encode_scope(tokenizer, test, "answer")
+    methods = ["datainf", "exact", "hessian_free"]
+    scores = [
+        influence_scores(lm, x, y, xt, yt, methods, batch_size=b, progress=False)[0]
+        for b in (16, 4)  # the 6 test rows in one batch, then in two
+    ]
+    unload_lora(lm)
+    for m in methods:
+        a, b = scores[0][m], scores[1][m]
+        assert a.shape == (6, 6)
+        assert np.allclose(a, b, rtol=0, atol=1e-8 * np.abs(a).max()), m

@@ -61,7 +61,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from torch import nn
@@ -128,6 +128,7 @@ def run_paper_protocol(
     data: Optional[Tuple[GenerativeTask, GenerativeTask]] = None,
     base: Optional[Tuple[nn.Module, Any]] = None,
     progress: bool = True,
+    on_scope: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> Dict[str, Any]:
     """Fine-tune LoRA on a task as the paper does, then score in every scope.
 
@@ -151,6 +152,8 @@ def run_paper_protocol(
             to reuse (the adapters are removed again at the end); loaded if
             omitted.
         progress: show progress bars.
+        on_scope: called after every scope with the result so far (the
+            scopes done), e.g. to save partial results of a long run.
 
     Returns:
         A JSON-friendly dict: `task`, `config`, `recipe`, `class_names`,
@@ -176,11 +179,27 @@ def run_paper_protocol(
     )
     seconds["fine-tuning"] = time.perf_counter() - t
     results: Dict[str, Any] = OrderedDict()
+    out: Dict[str, Any] = {
+        "task": task,
+        "config": {
+            "n_train_per_class": int(np.bincount(train.classes).min()),
+            "n_test_per_class": int(np.bincount(test.classes).min()),
+            "classes": len(train.class_names),
+            "seed": seed,
+            "data": "generated" if data is None else "given",
+            "lissa_iterations": lissa_iterations,
+            "trainable_parameters": trainable_parameters(lm),
+        },
+        "recipe": recipe.as_dict(),
+        "class_names": list(train.class_names),
+        "finetune": {"losses": losses},
+        "scopes": results,
+        "seconds": seconds,
+    }
     try:
         t = time.perf_counter()
-        quality = _quality(lm, tokenizer, test, max_length)
+        out["quality"] = _quality(lm, tokenizer, test, max_length)
         seconds["evaluation"] = time.perf_counter() - t
-        n_params = trainable_parameters(lm)
         for scope, methods in scopes.items():
             x, y = encode_scope(tokenizer, train, scope, max_length=max_length)
             xt, yt = encode_scope(tokenizer, test, scope, max_length=max_length)
@@ -212,23 +231,8 @@ def run_paper_protocol(
                 scope,
                 results[scope]["methods"].get("datainf", {}).get("auc", np.nan),
             )
+            if on_scope is not None:
+                on_scope(out)
     finally:
         unload_lora(lm)
-    return {
-        "task": task,
-        "config": {
-            "n_train_per_class": int(np.bincount(train.classes).min()),
-            "n_test_per_class": int(np.bincount(test.classes).min()),
-            "classes": len(train.class_names),
-            "seed": seed,
-            "data": "generated" if data is None else "given",
-            "lissa_iterations": lissa_iterations,
-            "trainable_parameters": n_params,
-        },
-        "recipe": recipe.as_dict(),
-        "class_names": list(train.class_names),
-        "finetune": {"losses": losses},
-        "quality": quality,
-        "scopes": results,
-        "seconds": dict(seconds),
-    }
+    return out

@@ -558,7 +558,9 @@ class FineTuning:
 
     The defaults are the paper's: LoRA of rank 8, $\alpha = 32$, dropout
     0.05 on the query and value projections; the loss on the whole text
-    (scope `"text"`, the end-of-sequence token included); AdamW at a
+    (scope `"text"`, the end-of-sequence token included: the paper's text
+    ends with it, though its collator, whose padding token is the
+    end-of-sequence token, leaves that token out of the loss); AdamW at a
     learning rate of $3 \cdot 10^{-4}$ falling linearly to 0. The paper
     trains 10 epochs of its 900 rows with batches of 64 and 16 steps of
     gradient accumulation, that is, about one update per epoch: 10 updates.
@@ -849,7 +851,13 @@ def influence_scores(
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size)
     infl.fit(loader)
     g_train = baselines.training_gradients(infl)
-    g_test = infl.per_sample_gradients(x_test, y_test)
+    parts = [
+        infl.per_sample_gradients(
+            x_test[i : i + batch_size], y_test[i : i + batch_size]
+        )
+        for i in range(0, len(x_test), batch_size)
+    ]  # in batches: the activations of a whole test set can take many GB
+    g_test = OrderedDict((k, torch.cat([p[k] for p in parts])) for k in parts[0])
     seconds["gradients"] = time.perf_counter() - t
     lam = infl.block_regularization
     exact: Dict[str, torch.Tensor] = {}
