@@ -27,7 +27,7 @@ from pydvl_datainf import (
     influence_matrix,
     top_k,
 )
-from pydvl_datainf.errors import StoreCorruptError
+from pydvl_datainf.errors import StoreCorruptError, StoreReplacedError
 from pydvl_datainf.storage import ZarrGradientStore, open_zarr_group
 from reference import DenseDataInf, rel_err
 
@@ -142,6 +142,32 @@ def test_a_store_replaced_after_open_is_refused(fitted):
         infl.train_influences(xt, yt)
     with pytest.raises(StoreMismatchError, match="replaced"):
         infl.influences(xt, yt, x, y)
+
+
+@pytest.mark.parametrize(
+    "then, found", [("nothing", "nothing"), ("a new store", "a store with id \\w+")]
+)
+def test_a_file_vanishing_under_a_read_is_named_replaced(
+    fitted, monkeypatch, then, found
+):
+    """Another fit renames the store away while a chunk is being read: the
+    read fails on a missing file, and the error names the replacement."""
+    from pydvl_datainf.storage.chunks import CheckedChunks
+
+    model, loss, x, y, xt, yt, path, _ = fitted
+    infl = DataInfInfluence.from_store(model, loss, path, progress=False)
+    read = CheckedChunks.read
+
+    def vanishing(self, *args, **kwargs):
+        monkeypatch.setattr(CheckedChunks, "read", read)
+        os.rename(path, path + ".gone")
+        if then == "a new store":
+            fit_zarr(model, loss, x.flip(0), y.flip(0), path, chunk_rows=4)
+        raise FileNotFoundError(os.path.join(path, "grads", "0", "c", "0", "0"))
+
+    monkeypatch.setattr(CheckedChunks, "read", vanishing)
+    with pytest.raises(StoreReplacedError, match=f"{found} is there now"):
+        infl.train_influences(xt, yt)
 
 
 def test_a_run_whose_output_is_replaced_stops_and_the_other_is_right(
