@@ -390,6 +390,30 @@ def test_the_array_handed_out_is_checked(fitted, tmp_path):
         top_k(zarr.open_array(os.path.join(out, "matrix"), mode="r"), 3)
 
 
+def test_a_tile_file_vanishing_under_a_read_is_named_replaced(
+    fitted, tmp_path, monkeypatch
+):
+    """Another run renames the matrix away while a tile is being read: the
+    read fails on a missing file, and the error names the replacement."""
+    import pydvl_datainf.scoring.tiles as tiles
+
+    model, loss, x, y, xt, yt, path, infl = fitted
+    out = str(tmp_path / "m.zarr")
+    result = influence_matrix(
+        infl, (xt, yt), out, test_rows=3, train_rows=4, dtype="float64", progress=False
+    )
+    read = tiles.read_checked
+
+    def vanishing(*args, **kwargs):
+        monkeypatch.setattr(tiles, "read_checked", read)
+        os.rename(out, out + ".gone")
+        raise FileNotFoundError(chunk_file(out, "matrix", (0, 0)))
+
+    monkeypatch.setattr(tiles, "read_checked", vanishing)
+    with pytest.raises(StoreReplacedError, match="nothing is there now"):
+        result.array[:, :]
+
+
 # --------------------------------------- 9. a reopened model never overwrites
 def test_fit_on_a_reopened_model_needs_overwrite(fitted):
     model, loss, x, y, xt, yt, path, infl = fitted

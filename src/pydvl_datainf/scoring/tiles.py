@@ -64,6 +64,7 @@ from ..storage.format import (
     open_zarr_group,
     read_checked,
     read_manifest,
+    read_or_replaced,
     remove_owned,
     write_manifest,
 )
@@ -421,9 +422,9 @@ class TileOutput:
     def check_run(self, doing: str = "writing") -> None:
         """Raise [StoreReplacedError][pydvl_datainf.errors.StoreReplacedError]
         unless the output at this path is still this run's."""
-        now = self.disk_run_id()
-        if now != self.run_id:
-            raise self._replaced(self.run_id, now, doing)
+        replaced = self._replaced_now(doing)
+        if replaced is not None:
+            raise replaced
 
     # ------------------------------------------------------------ state
     @property
@@ -514,10 +515,15 @@ class TileOutput:
             self._raise_misplaced("factors", (g,), mark)
         return out
 
-    def _raise_misplaced(self, name: str, index: Tuple[int, ...], mark: int) -> None:
+    def _replaced_now(self, doing: str) -> Optional[StoreReplacedError]:
+        """The error to raise if the output at this path is another run's now."""
         now = self.disk_run_id()
-        if now != self.run_id:
-            raise self._replaced(self.run_id, now, "reading")
+        return None if now == self.run_id else self._replaced(self.run_id, now, doing)
+
+    def _raise_misplaced(self, name: str, index: Tuple[int, ...], mark: int) -> None:
+        replaced = self._replaced_now("reading")
+        if replaced is not None:
+            raise replaced
         problem = (
             "is not marked as written"
             if mark == 0
@@ -574,18 +580,21 @@ class TileOutput:
         """
         lay = self.layout
         r0, c0 = g * lay.test_rows, c * lay.train_rows
-        data = np.asarray(
-            read_checked(
-                self.group["matrix"],
-                "matrix",
-                self.path,
-                (
-                    slice(r0, min(lay.n_test, r0 + lay.test_rows)),
-                    slice(c0, min(lay.n_train, c0 + lay.train_rows)),
-                ),
-                what=_WHAT,
-                recover=RECOVER,
-            )
+        data = read_or_replaced(
+            lambda: np.asarray(
+                read_checked(
+                    self.group["matrix"],
+                    "matrix",
+                    self.path,
+                    (
+                        slice(r0, min(lay.n_test, r0 + lay.test_rows)),
+                        slice(c0, min(lay.n_train, c0 + lay.train_rows)),
+                    ),
+                    what=_WHAT,
+                    recover=RECOVER,
+                )
+            ),
+            lambda: self._replaced_now("reading"),
         )
         if marks is None:
             mark = int(read_marks(self.group["done"])[g, c])

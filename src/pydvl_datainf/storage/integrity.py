@@ -54,12 +54,13 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
+    TypeVar,
     Union,
 )
 
 import numpy as np
 
-from ..errors import StoreCorruptError
+from ..errors import StoreCorruptError, StoreReplacedError
 from .digests import DIGESTS_GROUP, DigestTable
 
 __all__ = [
@@ -77,11 +78,13 @@ __all__ = [
     "chunk_exists",
     "missing_chunks",
     "corrupt_error",
+    "read_or_replaced",
     "read_checked",
     "verify_array",
 ]
 
 Coords = Tuple[int, ...]
+T = TypeVar("T")
 
 DEFAULT_RECOVER = (
     "Recreate it: fit again with overwrite=True (or delete the store and fit again)."
@@ -474,6 +477,36 @@ def corrupt_error(
         f"The {what} at {path!r} is damaged: array {name!r}, chunk "
         f"{tuple(int(c) for c in coords)} {problem}. {recover}"
     )
+
+
+def read_or_replaced(
+    read: Callable[[], T], replaced: Callable[[], Optional[StoreReplacedError]]
+) -> T:
+    """`read()`; if it fails, the error of a replaced output instead, when
+    `replaced()` finds one.
+
+    A read of an output that another job replaced, or renamed away, fails in
+    many ways (a chunk that is not the one recorded for its place, a missing
+    file); the owner's check names the real cause.
+
+    Args:
+        read: the read.
+        replaced: the error to raise if the output at the path is no longer
+            the one being read, else `None` (called only after a failure).
+
+    Example:
+        >>> read_or_replaced(lambda: 1, lambda: None)
+        1
+    """
+    try:
+        return read()
+    except StoreReplacedError:
+        raise
+    except Exception as e:
+        error = replaced()
+        if error is not None:
+            raise error from e
+        raise
 
 
 def _read_chunk(

@@ -52,6 +52,7 @@ from .format import (
     open_checked_array,
     open_zarr_group,
     read_manifest,
+    read_or_replaced,
 )
 from .zarr_layout import (
     FORMAT_VERSION,
@@ -381,24 +382,23 @@ class ZarrGradientStore(GradientStore):
         """The id of the store now where this one is (`None` if there is none)."""
         return store_id_at(self._location, self.storage_options)
 
+    def _replaced(self, doing: str) -> Optional[StoreReplacedError]:
+        """The error to raise if the store at this path is no longer this one."""
+        now = self.disk_store_id()
+        if now == self._store_id:
+            return None
+        return replaced_error(self.path, self._store_id, now, doing)
+
     def _check_owner(self, doing: str) -> None:
         """Raise unless the store at this path is still this store."""
-        now = self.disk_store_id()
-        if now != self._store_id:
-            raise replaced_error(self.path, self._store_id, now, doing)
+        error = self._replaced(doing)
+        if error is not None:
+            raise error
 
     def _checked(self, read: Callable[..., T], *args: Any) -> T:
         """`read(*args)`; any failed read of a store that was replaced (a
         chunk check, or a file that a rename took away) says so."""
-        try:
-            return read(*args)
-        except StoreReplacedError:
-            raise
-        except Exception as e:
-            now = self.disk_store_id()
-            if now != self._store_id:
-                raise replaced_error(self.path, self._store_id, now, "reading") from e
-            raise
+        return read_or_replaced(lambda: read(*args), lambda: self._replaced("reading"))
 
     def read(self, start: int, stop: int) -> Dict[str, torch.Tensor]:
         assert self._dtype is not None
