@@ -25,12 +25,12 @@ distributed = pytest.importorskip("distributed")
 N, M, BATCH, CHUNK = 40, 5, 4, 8  # 5 partitions of 8 rows (2 batches each)
 
 
-@pytest.fixture(scope="module")
-def client():
+def local_client(n_workers: int, processes: bool):
+    """A client of a local cluster of one-thread workers, closed after use."""
     cluster = distributed.LocalCluster(
-        n_workers=2,
+        n_workers=n_workers,
         threads_per_worker=1,
-        processes=True,
+        processes=processes,
         dashboard_address=":0",
         silence_logs=40,
     )
@@ -38,21 +38,16 @@ def client():
     yield c
     c.close()
     cluster.close()
+
+
+@pytest.fixture(scope="module")
+def client():
+    yield from local_client(2, processes=True)
 
 
 @pytest.fixture(scope="module")
 def one_worker():
-    cluster = distributed.LocalCluster(
-        n_workers=1,
-        threads_per_worker=1,
-        processes=False,
-        dashboard_address=":0",
-        silence_logs=40,
-    )
-    c = distributed.Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
+    yield from local_client(1, processes=False)
 
 
 def case():
